@@ -1,0 +1,25 @@
+//! A Codex storage node in Rust.
+//!
+//! The node is a plain Rust API (`store`, `merkle`, `manifest`, `node`) that runs on its own
+//! threads; the C ABI of libcodex is a thin layer over it in the `codex-abi` crate.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cid;
+pub mod error;
+pub mod manifest;
+pub mod merkle;
+mod mime;
+mod pb;
+pub mod store;
+
+pub use cid::{Cid, CidKind};
+pub use error::{Error, Result};
+pub use manifest::Manifest;
+pub use merkle::{CodexTree, Proof};
+
+/// Default block size (the reference's `DefaultBlockSize`).
+pub const DEFAULT_BLOCK_SIZE: usize = 65536;
+
+/// Largest accepted block size: 100 MiB, the block exchange's message limit.
+pub const MAX_BLOCK_SIZE: usize = 100 * 1024 * 1024;

@@ -1,0 +1,1148 @@
+//! The persistent block store under `data-dir`.
+//!
+//! Layout:
+//! - `repo.sqlite3`: metadata (trees, blocks with size, expiry and reference count, manifests);
+//! - `blocks/<treeCid>.dat`: the padded blocks of one tree, block `i` at `i * blockSize`;
+//! - `tmp/`: uploads in progress, renamed into `blocks/` just before their metadata commits.
+//!
+//! Blocks are de-duplicated by CID for accounting: the quota counts each distinct block once,
+//! plus manifest bytes. Every block read is verified against its tree leaf (and so, through
+//! the tree, against the tree root) before it is returned.
+//!
+//! Crash safety: the metadata of a dataset commits in one SQLite transaction after its data
+//! file is in place. At open, files in `tmp/` and data files no tree row names are removed, so
+//! a process killed mid-upload leaves every completed dataset intact and nothing half-written.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use sha2::{Digest, Sha256};
+
+use crate::cid::{Cid, CidKind, Digest32};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::merkle::CodexTree;
+
+/// Current schema version (`PRAGMA user_version`).
+const SCHEMA_VERSION: i64 = 1;
+
+/// Expiry of blocks that never expire.
+const NEVER: i64 = i64::MAX;
+
+/// How many trees the read cache keeps.
+const TREE_CACHE: usize = 8;
+
+const SCHEMA_V1: &str = "
+CREATE TABLE trees (
+    id         INTEGER PRIMARY KEY,
+    cid        BLOB NOT NULL UNIQUE,
+    block_size INTEGER NOT NULL,
+    leaves     BLOB NOT NULL,
+    refs       INTEGER NOT NULL,
+    missing    INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE blocks (
+    cid     BLOB PRIMARY KEY,
+    size    INTEGER NOT NULL,
+    expiry  INTEGER NOT NULL,
+    refs    INTEGER NOT NULL,
+    tree_id INTEGER,
+    idx     INTEGER,
+    data    BLOB
+) WITHOUT ROWID;
+CREATE INDEX blocks_by_expiry ON blocks(expiry);
+CREATE TABLE manifests (
+    cid     BLOB PRIMARY KEY,
+    tree_id INTEGER NOT NULL REFERENCES trees(id)
+) WITHOUT ROWID;
+";
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Maximum bytes of blocks and manifests.
+    pub quota: u64,
+    /// Lifetime of stored blocks; `None` keeps them forever.
+    pub ttl: Option<Duration>,
+}
+
+/// Quota figures, as `codex_storage_space` reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Space {
+    /// Distinct blocks stored, manifests included.
+    pub total_blocks: u64,
+    /// The quota.
+    pub quota_max_bytes: u64,
+    /// Bytes used by stored blocks.
+    pub quota_used_bytes: u64,
+    /// Bytes reserved by uploads in progress.
+    pub quota_reserved_bytes: u64,
+}
+
+/// A dataset held in the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dataset {
+    /// Its manifest CID.
+    pub cid: Cid,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// The block store. Cheap to share behind an `Arc`; all methods block on disk I/O.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db: Mutex<Connection>,
+    quota: u64,
+    ttl: Option<Duration>,
+    used: AtomicU64,
+    reserved: AtomicU64,
+    trees: Mutex<Vec<(Cid, Arc<TreeEntry>)>>,
+}
+
+/// A tree opened for reading.
+#[derive(Debug)]
+struct TreeEntry {
+    tree: CodexTree,
+    block_size: u64,
+    file: File,
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let context = context.into();
+    move |e| Error::io(context, e)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
+    // back on drop), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Store {
+    /// Opens (creating if needed) the store under `cfg.data_dir`, cleans up what an
+    /// interrupted run left, and checks that the quota fits on the filesystem.
+    pub fn open(cfg: &StoreConfig) -> Result<Self> {
+        let dir = cfg.data_dir.clone();
+        for sub in ["blocks", "tmp"] {
+            fs::create_dir_all(dir.join(sub))
+                .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
+        }
+        let db_path = dir.join("repo.sqlite3");
+        let mut conn = Connection::open(&db_path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        migrate(&mut conn)?;
+
+        let store = Self {
+            dir,
+            db: Mutex::new(conn),
+            quota: cfg.quota,
+            ttl: cfg.ttl,
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            trees: Mutex::new(Vec::new()),
+        };
+        store.recover()?;
+        let used: i64 =
+            lock(&store.db).query_row("SELECT COALESCE(SUM(size), 0) FROM blocks", [], |r| {
+                r.get(0)
+            })?;
+        store.used.store(used as u64, Ordering::SeqCst);
+        store.check_disk_space()?;
+        Ok(store)
+    }
+
+    /// Removes leftovers of interrupted uploads and deletions.
+    fn recover(&self) -> Result<()> {
+        let tmp = self.dir.join("tmp");
+        for entry in fs::read_dir(&tmp).map_err(io_err("listing tmp"))? {
+            let path = entry.map_err(io_err("listing tmp"))?.path();
+            tracing::info!(path = %path.display(), "removing interrupted upload");
+            fs::remove_file(&path).map_err(io_err(format!("removing {}", path.display())))?;
+        }
+        let known: HashSet<String> = {
+            let db = lock(&self.db);
+            let mut stmt = db.prepare("SELECT cid FROM trees")?;
+            let rows = stmt.query_map([], |r| r.get::<_, Vec<u8>>(0))?;
+            let mut known = HashSet::new();
+            for row in rows {
+                if let Ok(cid) = Cid::from_bytes(&row?) {
+                    known.insert(format!("{cid}.dat"));
+                }
+            }
+            known
+        };
+        let blocks = self.dir.join("blocks");
+        for entry in fs::read_dir(&blocks).map_err(io_err("listing blocks"))? {
+            let entry = entry.map_err(io_err("listing blocks"))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !known.contains(&name) {
+                tracing::info!(file = %name, "removing data file no dataset names");
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_disk_space(&self) -> Result<()> {
+        let free = free_space(&self.dir)?;
+        let used = self.used.load(Ordering::SeqCst);
+        if self.quota > free.saturating_add(used) {
+            return Err(Error::DiskSpace {
+                path: self.dir.clone(),
+                quota: self.quota,
+                free: free.saturating_add(used),
+            });
+        }
+        Ok(())
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn expiry(&self) -> i64 {
+        match self.ttl {
+            Some(ttl) => now_secs().saturating_add(ttl.as_secs() as i64),
+            None => NEVER,
+        }
+    }
+
+    /// Reserves `bytes` of quota, or fails without reserving anything.
+    fn reserve(&self, bytes: u64) -> Result<()> {
+        let mut cur = self.reserved.load(Ordering::SeqCst);
+        loop {
+            let used = self.used.load(Ordering::SeqCst);
+            let available = self.quota.saturating_sub(used.saturating_add(cur));
+            if bytes > available {
+                return Err(Error::Quota { needed: bytes, available, quota: self.quota });
+            }
+            match self.reserved.compare_exchange(cur, cur + bytes, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn release(&self, bytes: u64) {
+        self.reserved.fetch_sub(bytes, Ordering::SeqCst);
+    }
+
+    /// Quota figures.
+    pub fn space(&self) -> Result<Space> {
+        let total: i64 = lock(&self.db).query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
+        Ok(Space {
+            total_blocks: total as u64,
+            quota_max_bytes: self.quota,
+            quota_used_bytes: self.used.load(Ordering::SeqCst),
+            quota_reserved_bytes: self.reserved.load(Ordering::SeqCst),
+        })
+    }
+
+    /// Whether a block with this CID is stored.
+    fn has_block(&self, cid: &Cid) -> Result<bool> {
+        let db = lock(&self.db);
+        let mut stmt = db.prepare_cached("SELECT 1 FROM blocks WHERE cid = ?1")?;
+        Ok(stmt.exists([cid.to_bytes()])?)
+    }
+
+    /// Starts an upload of a dataset with `block_size`-byte blocks.
+    pub fn writer(
+        self: &Arc<Self>,
+        block_size: usize,
+        filename: Option<String>,
+        mimetype: Option<String>,
+    ) -> Result<DatasetWriter> {
+        if block_size == 0 || block_size > crate::MAX_BLOCK_SIZE {
+            return Err(Error::Invalid(format!(
+                "block size {block_size} out of range 1..={}",
+                crate::MAX_BLOCK_SIZE
+            )));
+        }
+        let path = self.dir.join("tmp").join(format!("upload-{}.part", unique_suffix()));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(io_err(format!("creating {}", path.display())))?;
+        Ok(DatasetWriter {
+            store: Arc::clone(self),
+            file: Some(file),
+            path,
+            block_size,
+            buf: Vec::with_capacity(block_size),
+            leaves: Vec::new(),
+            seen: HashSet::new(),
+            reserved: 0,
+            failed: false,
+            filename,
+            mimetype,
+        })
+    }
+
+    /// Registers a completed upload: moves its data file in place, then commits its metadata.
+    fn commit(
+        &self,
+        tmp: &Path,
+        tree: CodexTree,
+        block_size: u64,
+        manifest: &Manifest,
+    ) -> Result<Cid> {
+        let tree_cid = tree.cid();
+        let mbytes = manifest.encode();
+        let mcid = Cid::hash_of(CidKind::Manifest, &mbytes);
+        let final_path = self.tree_path(&tree_cid);
+        fs::rename(tmp, &final_path).map_err(io_err(format!("moving {}", tmp.display())))?;
+
+        let expiry = self.expiry();
+        let mut db = lock(&self.db);
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut added: u64 = 0;
+        let tree_id: i64 = match tx
+            .query_row("SELECT id FROM trees WHERE cid = ?1", [tree_cid.to_bytes()], |r| r.get(0))
+            .optional()?
+        {
+            Some(id) => id,
+            None => {
+                let leaves: Vec<u8> = tree.leaves().concat();
+                tx.execute(
+                    "INSERT INTO trees (cid, block_size, leaves, refs) VALUES (?1, ?2, ?3, 0)",
+                    params![tree_cid.to_bytes(), block_size as i64, leaves],
+                )?;
+                let id = tx.last_insert_rowid();
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+                     VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+                )?;
+                let mut bump = tx.prepare_cached(
+                    "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
+                )?;
+                let mut distinct = HashSet::with_capacity(tree.leaves().len());
+                for (i, leaf) in tree.leaves().iter().enumerate() {
+                    if !distinct.insert(*leaf) {
+                        continue;
+                    }
+                    let cid = Cid::from_digest(CidKind::Block, *leaf).to_bytes();
+                    if insert.execute(params![cid, block_size as i64, expiry, id, i as i64])? == 1 {
+                        added += block_size;
+                    } else {
+                        bump.execute(params![cid, expiry])?;
+                    }
+                }
+                id
+            }
+        };
+        let new_manifest = tx.execute(
+            "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, data) VALUES (?1, ?2, ?3, 1, ?4)",
+            params![mcid.to_bytes(), mbytes.len() as i64, expiry, mbytes],
+        )? == 1;
+        if new_manifest {
+            added += mbytes.len() as u64;
+            tx.execute(
+                "INSERT INTO manifests (cid, tree_id) VALUES (?1, ?2)",
+                params![mcid.to_bytes(), tree_id],
+            )?;
+            tx.execute("UPDATE trees SET refs = refs + 1 WHERE id = ?1", [tree_id])?;
+        } else {
+            // The same dataset again: refresh its lifetime.
+            tx.execute(
+                "UPDATE blocks SET expiry = MAX(expiry, ?2)
+                 WHERE cid = ?1 OR tree_id = ?3",
+                params![mcid.to_bytes(), expiry, tree_id],
+            )?;
+        }
+        tx.commit()?;
+        self.used.fetch_add(added, Ordering::SeqCst);
+        Ok(mcid)
+    }
+
+    fn tree_path(&self, tree_cid: &Cid) -> PathBuf {
+        self.dir.join("blocks").join(format!("{tree_cid}.dat"))
+    }
+
+    /// Opens a tree for reading (cached), checking its leaves against its CID.
+    fn open_tree(&self, tree_cid: &Cid) -> Result<Arc<TreeEntry>> {
+        if let Some((_, e)) = lock(&self.trees).iter().find(|(c, _)| c == tree_cid) {
+            return Ok(Arc::clone(e));
+        }
+        let row: Option<(i64, Vec<u8>)> = lock(&self.db)
+            .query_row(
+                "SELECT block_size, leaves FROM trees WHERE cid = ?1",
+                [tree_cid.to_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let (block_size, leaves) = row.ok_or_else(|| Error::NotFound(format!("tree {tree_cid}")))?;
+        let leaves: Vec<Digest32> = leaves
+            .chunks_exact(32)
+            .map(|c| c.try_into().unwrap_or([0; 32]))
+            .collect();
+        let tree = CodexTree::new(leaves)?;
+        if tree.cid() != *tree_cid {
+            return Err(Error::Corrupt {
+                cid: tree_cid.to_string(),
+                detail: "stored leaves do not hash to the tree root".into(),
+            });
+        }
+        let path = self.tree_path(tree_cid);
+        let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
+        let entry = Arc::new(TreeEntry { tree, block_size: block_size as u64, file });
+        let mut cache = lock(&self.trees);
+        if cache.len() >= TREE_CACHE {
+            cache.remove(0);
+        }
+        cache.push((*tree_cid, Arc::clone(&entry)));
+        Ok(entry)
+    }
+
+    fn forget_tree(&self, tree_cid: &Cid) {
+        lock(&self.trees).retain(|(c, _)| c != tree_cid);
+    }
+
+    /// Reads block `index` of a tree, verified against its leaf.
+    fn read_leaf(&self, tree_cid: &Cid, entry: &TreeEntry, index: u64) -> Result<Bytes> {
+        let leaf = entry
+            .tree
+            .leaves()
+            .get(index as usize)
+            .ok_or_else(|| Error::NotFound(format!("block {index} of tree {tree_cid}")))?;
+        let mut buf = BytesMut::zeroed(entry.block_size as usize);
+        entry
+            .file
+            .read_exact_at(&mut buf, index * entry.block_size)
+            .map_err(io_err(format!("reading block {index} of tree {tree_cid}")))?;
+        let digest: Digest32 = Sha256::digest(&buf).into();
+        if &digest != leaf {
+            let cid = Cid::from_digest(CidKind::Block, *leaf);
+            if !self.has_block(&cid)? {
+                return Err(Error::NotFound(format!("block {cid} (index {index} of {tree_cid})")));
+            }
+            tracing::error!(%cid, index, tree = %tree_cid, "stored block fails verification");
+            return Err(Error::Corrupt {
+                cid: cid.to_string(),
+                detail: format!("block {index} of tree {tree_cid} does not match its leaf"),
+            });
+        }
+        Ok(buf.freeze())
+    }
+
+    /// Returns a stored block by CID, verified.
+    pub fn block(&self, cid: &Cid) -> Result<Bytes> {
+        let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>)> = lock(&self.db)
+            .query_row(
+                "SELECT b.data, t.cid, b.idx FROM blocks b LEFT JOIN trees t ON t.id = b.tree_id
+                 WHERE b.cid = ?1",
+                [cid.to_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()?;
+        match row {
+            None => Err(Error::NotFound(format!("block {cid}"))),
+            Some((Some(data), _, _)) => {
+                if cid.matches(&data) {
+                    Ok(Bytes::from(data))
+                } else {
+                    Err(Error::Corrupt { cid: cid.to_string(), detail: "hash mismatch".into() })
+                }
+            }
+            Some((None, Some(tree), Some(idx))) => {
+                let tree = Cid::from_bytes(&tree)?;
+                let entry = self.open_tree(&tree)?;
+                self.read_leaf(&tree, &entry, idx as u64)
+            }
+            Some(_) => Err(Error::Corrupt {
+                cid: cid.to_string(),
+                detail: "block has no data and no location".into(),
+            }),
+        }
+    }
+
+    /// The manifest of a dataset.
+    pub fn manifest(&self, cid: &Cid) -> Result<Manifest> {
+        if cid.kind() != CidKind::Manifest {
+            return Err(Error::Invalid(format!("{cid} is not a manifest (dataset) CID")));
+        }
+        Ok(Manifest::decode(&self.block(cid)?)?)
+    }
+
+    /// Opens a dataset for sequential reading.
+    pub fn reader(self: &Arc<Self>, cid: &Cid) -> Result<DatasetReader> {
+        let manifest = self.manifest(cid)?;
+        let entry = self.open_tree(&manifest.tree_cid)?;
+        if entry.block_size != manifest.block_size || entry.tree.len() != manifest.blocks() {
+            return Err(Error::Corrupt {
+                cid: cid.to_string(),
+                detail: "manifest does not match its tree".into(),
+            });
+        }
+        Ok(DatasetReader {
+            store: Arc::clone(self),
+            entry,
+            tree_cid: manifest.tree_cid,
+            remaining: manifest.dataset_size,
+            next: 0,
+        })
+    }
+
+    /// Whether `cid` is stored; for a manifest CID, whether the whole dataset is.
+    pub fn exists(&self, cid: &Cid) -> Result<bool> {
+        if cid.kind() != CidKind::Manifest {
+            return self.has_block(cid);
+        }
+        let db = lock(&self.db);
+        let missing: Option<i64> = db
+            .query_row(
+                "SELECT t.missing FROM manifests m JOIN trees t ON t.id = m.tree_id
+                 WHERE m.cid = ?1",
+                [cid.to_bytes()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(missing == Some(0))
+    }
+
+    /// Every dataset in the store, in no particular order.
+    pub fn list(&self) -> Result<Vec<Dataset>> {
+        let db = lock(&self.db);
+        let mut stmt = db.prepare(
+            "SELECT m.cid, b.data FROM manifests m JOIN blocks b ON b.cid = m.cid ORDER BY m.cid",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (cid, data) = row?;
+            let cid = Cid::from_bytes(&cid)?;
+            match Manifest::decode(&data) {
+                Ok(manifest) if cid.matches(&data) => out.push(Dataset { cid, manifest }),
+                _ => tracing::error!(%cid, "stored manifest fails verification; not listed"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a block; a manifest CID deletes its whole dataset (blocks other datasets
+    /// share are kept). Deleting what is not stored succeeds.
+    pub fn delete(&self, cid: &Cid) -> Result<()> {
+        match cid.kind() {
+            CidKind::Manifest => self.delete_dataset(cid),
+            CidKind::Block => self.delete_block(cid),
+            CidKind::Tree => Err(Error::Invalid(format!(
+                "{cid} is a tree CID: delete the dataset by its manifest CID"
+            ))),
+        }
+    }
+
+    fn delete_dataset(&self, mcid: &Cid) -> Result<()> {
+        let mut remove_file = None;
+        let mut freed: u64 = 0;
+        {
+            let mut db = lock(&self.db);
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row: Option<(i64, i64)> = tx
+                .query_row(
+                    "SELECT m.tree_id, b.size FROM manifests m JOIN blocks b ON b.cid = m.cid
+                     WHERE m.cid = ?1",
+                    [mcid.to_bytes()],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((tree_id, msize)) = row else {
+                // Not a dataset here; maybe a stray manifest block.
+                freed += delete_rows(&tx, &[mcid.to_bytes()])?;
+                tx.commit()?;
+                self.used.fetch_sub(freed, Ordering::SeqCst);
+                return Ok(());
+            };
+            tx.execute("DELETE FROM manifests WHERE cid = ?1", [mcid.to_bytes()])?;
+            tx.execute("DELETE FROM blocks WHERE cid = ?1", [mcid.to_bytes()])?;
+            freed += msize as u64;
+            let refs: i64 = tx.query_row(
+                "UPDATE trees SET refs = refs - 1 WHERE id = ?1 RETURNING refs",
+                [tree_id],
+                |r| r.get(0),
+            )?;
+            if refs <= 0 {
+                let (tree_cid, leaves): (Vec<u8>, Vec<u8>) = tx.query_row(
+                    "SELECT cid, leaves FROM trees WHERE id = ?1",
+                    [tree_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )?;
+                freed += release_tree(&tx, tree_id, &leaves)?;
+                tx.execute("DELETE FROM trees WHERE id = ?1", [tree_id])?;
+                remove_file = Some(Cid::from_bytes(&tree_cid)?);
+            }
+            tx.commit()?;
+        }
+        self.used.fetch_sub(freed, Ordering::SeqCst);
+        if let Some(tree) = remove_file {
+            self.forget_tree(&tree);
+            let path = self.tree_path(&tree);
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove data file");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes one data block: its row goes, its bytes are zeroed in every tree holding it,
+    /// and those trees count it missing.
+    fn delete_block(&self, cid: &Cid) -> Result<()> {
+        let digest = cid.digest();
+        let mut holes: Vec<(Cid, u64, u64)> = Vec::new();
+        let freed;
+        {
+            let mut db = lock(&self.db);
+            let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            freed = delete_rows(&tx, &[cid.to_bytes()])?;
+            if freed > 0 {
+                for (tree_id, tree_cid, block_size, indices) in trees_containing(&tx, &digest)? {
+                    tx.execute(
+                        "UPDATE trees SET missing = missing + 1 WHERE id = ?1",
+                        [tree_id],
+                    )?;
+                    for i in indices {
+                        holes.push((tree_cid, block_size, i));
+                    }
+                }
+            }
+            tx.commit()?;
+        }
+        self.used.fetch_sub(freed, Ordering::SeqCst);
+        for (tree, block_size, index) in holes {
+            self.punch(&tree, block_size, index);
+        }
+        Ok(())
+    }
+
+    /// Frees the bytes of block `index` of a tree file (best effort; reads then fail
+    /// verification and report the block missing).
+    fn punch(&self, tree: &Cid, block_size: u64, index: u64) {
+        let path = self.tree_path(tree);
+        let Ok(file) = File::options().write(true).open(&path) else { return };
+        let zeros = vec![0u8; block_size as usize];
+        if let Err(e) = punch_hole(&file, index * block_size, block_size)
+            .or_else(|_| file.write_all_at(&zeros, index * block_size))
+        {
+            tracing::warn!(path = %path.display(), index, error = %e, "could not clear block");
+        }
+    }
+
+    /// Deletes up to `max` expired blocks (expired manifests take their dataset with them).
+    /// Returns how many expired blocks were handled.
+    pub fn maintenance(&self, max: usize) -> Result<usize> {
+        let expired: Vec<Vec<u8>> = {
+            let db = lock(&self.db);
+            let mut stmt =
+                db.prepare("SELECT cid FROM blocks WHERE expiry <= ?1 ORDER BY expiry LIMIT ?2")?;
+            let rows = stmt.query_map(params![now_secs(), max as i64], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for cid in &expired {
+            let cid = Cid::from_bytes(cid)?;
+            tracing::debug!(%cid, "block expired");
+            self.delete(&cid)?;
+        }
+        Ok(expired.len())
+    }
+}
+
+/// Deletes block rows regardless of references; returns the bytes freed.
+fn delete_rows(tx: &rusqlite::Transaction<'_>, cids: &[Vec<u8>]) -> Result<u64> {
+    let mut freed = 0;
+    let mut stmt = tx.prepare_cached("DELETE FROM blocks WHERE cid = ?1 RETURNING size")?;
+    for cid in cids {
+        if let Some(size) = stmt.query_row([cid], |r| r.get::<_, i64>(0)).optional()? {
+            freed += size as u64;
+        }
+    }
+    Ok(freed)
+}
+
+/// Drops one reference from every distinct block of a tree being deleted. Blocks nobody
+/// else references are deleted; blocks that lived in this tree's file but are shared move
+/// their location to another tree that holds them. Returns the bytes freed.
+fn release_tree(tx: &rusqlite::Transaction<'_>, tree_id: i64, leaves: &[u8]) -> Result<u64> {
+    let mut freed = 0;
+    let mut distinct = HashSet::new();
+    let mut dec = tx.prepare_cached(
+        "UPDATE blocks SET refs = refs - 1 WHERE cid = ?1 RETURNING refs, size, tree_id",
+    )?;
+    let mut del = tx.prepare_cached("DELETE FROM blocks WHERE cid = ?1")?;
+    let mut relocate = Vec::new();
+    for leaf in leaves.chunks_exact(32) {
+        if !distinct.insert(leaf) {
+            continue;
+        }
+        let digest: Digest32 = leaf.try_into().unwrap_or([0; 32]);
+        let cid = Cid::from_digest(CidKind::Block, digest).to_bytes();
+        let row: Option<(i64, i64, Option<i64>)> =
+            dec.query_row([&cid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?;
+        match row {
+            Some((refs, size, _)) if refs <= 0 => {
+                del.execute([&cid])?;
+                freed += size as u64;
+            }
+            Some((_, _, Some(at))) if at == tree_id => relocate.push((cid, digest)),
+            _ => {}
+        }
+    }
+    for (cid, digest) in relocate {
+        let other = trees_containing(tx, &digest)?
+            .into_iter()
+            .find(|(id, ..)| *id != tree_id)
+            .and_then(|(id, _, _, idx)| idx.first().map(|&i| (id, i)));
+        match other {
+            Some((id, idx)) => {
+                tx.execute(
+                    "UPDATE blocks SET tree_id = ?2, idx = ?3 WHERE cid = ?1",
+                    params![cid, id, idx as i64],
+                )?;
+            }
+            None => {
+                freed += delete_rows(tx, &[cid])?;
+            }
+        }
+    }
+    Ok(freed)
+}
+
+/// Trees whose leaves include `digest`: (id, cid, block size, indices). A full scan, used
+/// only on the rare paths that delete shared blocks.
+fn trees_containing(
+    tx: &rusqlite::Transaction<'_>,
+    digest: &Digest32,
+) -> Result<Vec<(i64, Cid, u64, Vec<u64>)>> {
+    let mut stmt = tx.prepare_cached("SELECT id, cid, block_size, leaves FROM trees")?;
+    let rows = stmt.query_map([], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, cid, bs, leaves) = row?;
+        let idx: Vec<u64> = leaves
+            .chunks_exact(32)
+            .enumerate()
+            .filter(|(_, l)| *l == digest)
+            .map(|(i, _)| i as u64)
+            .collect();
+        if !idx.is_empty() {
+            out.push((id, Cid::from_bytes(&cid)?, bs as u64, idx));
+        }
+    }
+    Ok(out)
+}
+
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        return Err(Error::State(format!(
+            "the store was written by a newer version (schema {version}, this build knows \
+             {SCHEMA_VERSION})"
+        )));
+    }
+    if version < 1 {
+        let tx = conn.transaction()?;
+        tx.execute_batch(SCHEMA_V1)?;
+        tx.pragma_update(None, "user_version", 1)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+fn unique_suffix() -> String {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    format!("{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+fn free_space(path: &Path) -> Result<u64> {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("path {} contains a NUL byte", path.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to writable memory of the
+    // right type; statvfs initialises it when it returns 0.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("checking free space of {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: statvfs returned 0, so `st` is initialised.
+    let st = unsafe { st.assume_init() };
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fallocate on a valid open descriptor; the kernel validates the range.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            offset as libc::off_t,
+            len as libc::off_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An upload in progress: cuts the incoming bytes into blocks, hashes and stores them.
+/// Dropping it without [`DatasetWriter::finish`] abandons the upload and frees its space.
+#[derive(Debug)]
+pub struct DatasetWriter {
+    store: Arc<Store>,
+    file: Option<File>,
+    path: PathBuf,
+    block_size: usize,
+    buf: Vec<u8>,
+    leaves: Vec<Digest32>,
+    seen: HashSet<Digest32>,
+    reserved: u64,
+    failed: bool,
+    filename: Option<String>,
+    mimetype: Option<String>,
+}
+
+impl DatasetWriter {
+    /// Bytes accepted so far.
+    pub fn len(&self) -> u64 {
+        self.leaves.len() as u64 * self.block_size as u64 + self.buf.len() as u64
+    }
+
+    /// Whether no byte was accepted yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// Appends bytes; returns the number of blocks stored by this call. After an error the
+    /// upload cannot go on: drop it.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<usize> {
+        if self.failed {
+            return Err(Error::State("this upload failed earlier and was abandoned".into()));
+        }
+        let mut stored = 0;
+        while !data.is_empty() {
+            let r = if self.buf.is_empty() && data.len() >= self.block_size {
+                let (block, rest) = data.split_at(self.block_size);
+                data = rest;
+                self.store_block(block)
+            } else {
+                let take = (self.block_size - self.buf.len()).min(data.len());
+                self.buf.extend_from_slice(&data[..take]);
+                data = &data[take..];
+                if self.buf.len() < self.block_size {
+                    continue;
+                }
+                let block = std::mem::take(&mut self.buf);
+                let r = self.store_block(&block);
+                self.buf = block;
+                self.buf.clear();
+                r
+            };
+            if let Err(e) = r {
+                self.failed = true;
+                return Err(e);
+            }
+            stored += 1;
+        }
+        Ok(stored)
+    }
+
+    fn store_block(&mut self, block: &[u8]) -> Result<()> {
+        let digest: Digest32 = Sha256::digest(block).into();
+        if self.seen.insert(digest) {
+            let cid = Cid::from_digest(CidKind::Block, digest);
+            if !self.store.has_block(&cid)? {
+                self.store.reserve(self.block_size as u64)?;
+                self.reserved += self.block_size as u64;
+            }
+        }
+        let file = self.file.as_ref().ok_or(Error::State("upload already finished".into()))?;
+        let offset = self.leaves.len() as u64 * self.block_size as u64;
+        file.write_all_at(block, offset).map_err(io_err("writing block"))?;
+        self.leaves.push(digest);
+        Ok(())
+    }
+
+    /// Stores the last (zero-padded) block, builds the tree and manifest and commits the
+    /// dataset. Returns the manifest CID and the manifest.
+    pub fn finish(mut self) -> Result<(Cid, Manifest)> {
+        if self.failed {
+            return Err(Error::State("this upload failed earlier and was abandoned".into()));
+        }
+        let size = self.len();
+        let partial = self.buf.len();
+        if partial > 0 {
+            let mut block = std::mem::take(&mut self.buf);
+            block.resize(self.block_size, 0);
+            self.store_block(&block)?;
+        }
+        if self.leaves.is_empty() {
+            return Err(Error::Invalid("cannot upload an empty dataset".into()));
+        }
+        let tree = CodexTree::new(std::mem::take(&mut self.leaves))?;
+        let manifest = Manifest {
+            tree_cid: tree.cid(),
+            block_size: self.block_size as u64,
+            dataset_size: size,
+            filename: self.filename.take(),
+            mimetype: self.mimetype.take(),
+        };
+        let mbytes = manifest.encode().len() as u64;
+        self.store.reserve(mbytes)?;
+        self.reserved += mbytes;
+        if let Some(file) = self.file.take() {
+            drop(file);
+        }
+        let cid = self.store.commit(&self.path, tree, self.block_size as u64, &manifest)?;
+        Ok((cid, manifest))
+    }
+}
+
+impl Drop for DatasetWriter {
+    fn drop(&mut self) {
+        self.store.release(self.reserved);
+        // After a successful finish the file was renamed away and this fails harmlessly.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Sequential reader of a stored dataset, verifying every block.
+#[derive(Debug)]
+pub struct DatasetReader {
+    store: Arc<Store>,
+    entry: Arc<TreeEntry>,
+    tree_cid: Cid,
+    remaining: u64,
+    next: u64,
+}
+
+impl DatasetReader {
+    /// Bytes not yet returned.
+    pub fn remaining(&self) -> u64 {
+        self.remaining
+    }
+
+    /// The next block's bytes (truncated at the dataset's end), or `None` at the end.
+    pub fn next_block(&mut self) -> Result<Option<Bytes>> {
+        if self.remaining == 0 {
+            return Ok(None);
+        }
+        let mut block = self.store.read_leaf(&self.tree_cid, &self.entry, self.next)?;
+        self.next += 1;
+        let n = (block.len() as u64).min(self.remaining);
+        block.truncate(n as usize);
+        self.remaining -= n;
+        Ok(Some(block))
+    }
+}
+
+/// Shared type for callers that keep per-CID state.
+pub type CidMap<V> = HashMap<Cid, V>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &Path, quota: u64) -> Arc<Store> {
+        let cfg = StoreConfig { data_dir: dir.to_path_buf(), quota, ttl: None };
+        Arc::new(Store::open(&cfg).unwrap())
+    }
+
+    fn upload(store: &Arc<Store>, data: &[u8], bs: usize) -> Result<(Cid, Manifest)> {
+        let mut w = store.writer(bs, None, None)?;
+        w.write(data)?;
+        w.finish()
+    }
+
+    fn read_all(store: &Arc<Store>, cid: &Cid) -> Result<Vec<u8>> {
+        let mut r = store.reader(cid)?;
+        let mut out = Vec::new();
+        while let Some(b) = r.next_block()? {
+            out.extend_from_slice(&b);
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn reproduces_reference_cids() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let (cid, m) = upload(&store, b"some file contents", 65536).unwrap();
+        assert_eq!(m.tree_cid.to_string(), "zDzSvJTezk7bJNQqFq8k1iHXY84psNuUfZVusA5bBQQUSuyzDSVL");
+        assert_eq!(cid.to_string(), "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy");
+        let (_, m) = upload(&store, &vec![b'a'; 131082], 65536).unwrap();
+        assert_eq!(m.tree_cid.to_string(), "zDzSvJTfF5HWJpRa3BxWkAj7ecnNwZ7GSbsYj8SmvS4WWv3F6aQQ");
+    }
+
+    #[test]
+    fn chunk_boundaries_do_not_change_the_cid() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let (whole, _) = upload(&store, &data, 1024).unwrap();
+        let mut w = store.writer(1024, None, None).unwrap();
+        for piece in data.chunks(333) {
+            w.write(piece).unwrap();
+        }
+        let (pieces, m) = w.finish().unwrap();
+        assert_eq!(whole, pieces);
+        assert_eq!(m.dataset_size, 10_000);
+        assert_eq!(read_all(&store, &whole).unwrap(), data);
+    }
+
+    #[test]
+    fn quota_counts_distinct_blocks_and_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let (cid, m) = upload(&store, &[7u8; 48], 65536).unwrap();
+        let s = store.space().unwrap();
+        assert_eq!(s.quota_used_bytes, 65536 + m.encode().len() as u64);
+        assert_eq!(s.total_blocks, 2);
+        // Two identical blocks are stored once.
+        let (cid2, m2) = upload(&store, &[1u8; 2048], 1024).unwrap();
+        let s2 = store.space().unwrap();
+        assert_eq!(s2.total_blocks, 4);
+        assert_eq!(s2.quota_used_bytes, s.quota_used_bytes + 1024 + m2.encode().len() as u64);
+        store.delete(&cid2).unwrap();
+        assert_eq!(store.space().unwrap(), s);
+        store.delete(&cid).unwrap();
+        assert_eq!(store.space().unwrap().quota_used_bytes, 0);
+        assert_eq!(store.space().unwrap().total_blocks, 0);
+    }
+
+    #[test]
+    fn quota_exhaustion_fails_cleanly() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 5000);
+        let (small, _) = upload(&store, &[1u8; 1000], 1024).unwrap();
+        let before = store.space().unwrap();
+        let big: Vec<u8> = (0..10_000u32).map(|i| (i % 253) as u8).collect();
+        let err = upload(&store, &big, 1024).unwrap_err();
+        assert!(matches!(err, Error::Quota { .. }), "{err}");
+        assert_eq!(store.space().unwrap(), before);
+        assert_eq!(read_all(&store, &small).unwrap(), vec![1u8; 1000]);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn shared_blocks_survive_deleting_one_dataset() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let mut a = vec![5u8; 1024];
+        a.extend(vec![6u8; 1024]);
+        let mut b = vec![6u8; 1024];
+        b.extend(vec![9u8; 1024]);
+        let (ca, _) = upload(&store, &a, 1024).unwrap();
+        let (cb, _) = upload(&store, &b, 1024).unwrap();
+        store.delete(&ca).unwrap();
+        assert!(!store.exists(&ca).unwrap());
+        assert_eq!(read_all(&store, &cb).unwrap(), b);
+        let shared = Cid::hash_of(CidKind::Block, &[6u8; 1024]);
+        assert_eq!(store.block(&shared).unwrap().as_ref(), &[6u8; 1024]);
+    }
+
+    #[test]
+    fn corrupt_blocks_are_detected_not_returned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let data = vec![3u8; 4096];
+        let (cid, m) = upload(&store, &data, 1024).unwrap();
+        let path = store.tree_path(&m.tree_cid);
+        let f = File::options().write(true).open(path).unwrap();
+        f.write_all_at(b"evil", 2048 + 10).unwrap();
+        let err = read_all(&store, &cid).unwrap_err();
+        assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn deleting_a_block_makes_the_dataset_incomplete() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let data: Vec<u8> = (0..4096u32).map(|i| i as u8).collect();
+        let (cid, _) = upload(&store, &data, 1024).unwrap();
+        let block = Cid::hash_of(CidKind::Block, &data[1024..2048]);
+        assert!(store.exists(&block).unwrap());
+        store.delete(&block).unwrap();
+        assert!(!store.exists(&block).unwrap());
+        assert!(!store.exists(&cid).unwrap());
+        assert!(matches!(read_all(&store, &cid).unwrap_err(), Error::NotFound(_)));
+    }
+
+    #[test]
+    fn data_survives_reopen_and_interrupted_uploads_are_cleaned() {
+        let dir = tempfile::tempdir().unwrap();
+        let cid = {
+            let store = open(dir.path(), 1 << 30);
+            let (cid, _) = upload(&store, b"persistent", 1024).unwrap();
+            let mut w = store.writer(1024, None, None).unwrap();
+            w.write(&[1u8; 5000]).unwrap();
+            std::mem::forget(w); // as if the process died mid-upload
+            cid
+        };
+        fs::write(dir.path().join("blocks").join("stray.dat"), b"x").unwrap();
+        let store = open(dir.path(), 1 << 30);
+        assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("blocks")).unwrap().count(), 1);
+        assert_eq!(store.list().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn expired_datasets_are_removed_by_maintenance() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            quota: 1 << 30,
+            ttl: Some(Duration::ZERO),
+        };
+        let store = Arc::new(Store::open(&cfg).unwrap());
+        let (cid, _) = upload(&store, &[4u8; 3000], 1024).unwrap();
+        assert!(store.exists(&cid).unwrap());
+        let n = store.maintenance(1000).unwrap();
+        assert!(n >= 1);
+        assert!(!store.exists(&cid).unwrap());
+        assert_eq!(store.space().unwrap().total_blocks, 0);
+        assert_eq!(store.space().unwrap().quota_used_bytes, 0);
+    }
+
+    #[test]
+    fn quota_larger_than_the_disk_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig { data_dir: dir.path().to_path_buf(), quota: u64::MAX, ttl: None };
+        let err = Store::open(&cfg).unwrap_err();
+        assert!(matches!(err, Error::DiskSpace { .. }), "{err}");
+        assert!(err.to_string().contains("storage-quota"));
+    }
+}

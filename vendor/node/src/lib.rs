@@ -6,14 +6,19 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cid;
+pub mod config;
 pub mod error;
+mod key;
 pub mod manifest;
 pub mod merkle;
 mod mime;
+pub mod node;
 mod pb;
 pub mod store;
 
 pub use cid::{Cid, CidKind};
+pub use config::NodeConfig;
+pub use node::{Download, Event, Node, State, Upload};
 pub use error::{Error, Result};
 pub use manifest::Manifest;
 pub use merkle::{CodexTree, Proof};

@@ -15,7 +15,7 @@
 //! table lookup. The REST upload handler (`codex/rest/api.nim`) does not look
 //! at the file name: it stores the `Content-Type` header value verbatim and only
 //! rejects it (HTTP 422) when `getExt` finds no table entry whose value equals
-//! the ASCII-lower-cased header; [`is_known_mimetype`] mirrors that check.
+//! the ASCII-lower-cased header.
 //!
 //! [`MIMES`] mirrors the default `mimes` table of Nim's `std/mimetypes`
 //! (`lib/pure/mimetypes.nim`) at tag `v2.2.0` (commit
@@ -1110,18 +1110,6 @@ pub(crate) fn mimetype_for_filename(filename: &str) -> Option<&'static str> {
     lookup(ext)
 }
 
-/// Reports whether `mimetype` passes the reference REST upload check.
-///
-/// The reference REST handler accepts a non-empty `Content-Type` only when
-/// Nim's `getExt` finds it, i.e. when some value of the (deduplicated) table
-/// equals the header lower-cased with ASCII rules. Accepted values are stored
-/// in the manifest verbatim, not normalised.
-pub(crate) fn is_known_mimetype(mimetype: &str) -> bool {
-    MIMES
-        .iter()
-        .any(|(_, mime)| mime.eq_ignore_ascii_case(mimetype))
-}
-
 /// Extracts the extension (without its dot) the way Nim's POSIX `splitFile`
 /// does.
 ///
@@ -1250,16 +1238,5 @@ mod tests {
             mimetype_for_filename("a.sub"),
             Some("text/vnd.dvb.subtitle")
         );
-    }
-
-    #[test]
-    fn rest_content_type_check() {
-        assert!(is_known_mimetype("text/plain"));
-        assert!(is_known_mimetype("Text/Plain"));
-        assert!(!is_known_mimetype(""));
-        assert!(!is_known_mimetype("text/plain; charset=utf-8"));
-        // Values of overwritten duplicate entries are gone from Nim's table.
-        assert!(!is_known_mimetype("image/vnd.dvb.subtitle"));
-        assert!(!is_known_mimetype("application/x-ms-wmz"));
     }
 }

@@ -102,6 +102,8 @@ pub struct Dataset {
 #[derive(Debug)]
 pub struct Store {
     dir: PathBuf,
+    /// Held open for its exclusive `flock`: one node per data-dir.
+    _lock: File,
     db: Mutex<Connection>,
     quota: u64,
     ttl: Option<Duration>,
@@ -142,6 +144,7 @@ impl Store {
             fs::create_dir_all(dir.join(sub))
                 .map_err(io_err(format!("creating {}", dir.join(sub).display())))?;
         }
+        let dir_lock = lock_dir(&dir)?;
         let db_path = dir.join("repo.sqlite3");
         let mut conn = Connection::open(&db_path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -152,6 +155,7 @@ impl Store {
 
         let store = Self {
             dir,
+            _lock: dir_lock,
             db: Mutex::new(conn),
             quota: cfg.quota,
             ttl: cfg.ttl,
@@ -774,6 +778,28 @@ fn unique_suffix() -> String {
     format!("{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
 }
 
+/// Takes the data-dir's lock file, failing when another node (in any process) holds it.
+fn lock_dir(dir: &Path) -> Result<File> {
+    use std::os::fd::AsRawFd;
+    let path = dir.join("LOCK");
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    // SAFETY: flock on a valid open descriptor has no memory effects.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::State(format!(
+            "data-dir {} is in use by another node; stop it or choose another data-dir",
+            dir.display()
+        )));
+    }
+    Ok(file)
+}
+
 fn free_space(path: &Path) -> Result<u64> {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -1106,11 +1132,10 @@ mod tests {
         let cid = {
             let store = open(dir.path(), 1 << 30);
             let (cid, _) = upload(&store, b"persistent", 1024).unwrap();
-            let mut w = store.writer(1024, None, None).unwrap();
-            w.write(&[1u8; 5000]).unwrap();
-            std::mem::forget(w); // as if the process died mid-upload
             cid
         };
+        // What a process killed mid-upload leaves: a partial file in tmp/.
+        fs::write(dir.path().join("tmp").join("upload-1-2-3.part"), [1u8; 5000]).unwrap();
         fs::write(dir.path().join("blocks").join("stray.dat"), b"x").unwrap();
         let store = open(dir.path(), 1 << 30);
         assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
@@ -1135,6 +1160,17 @@ mod tests {
         assert!(!store.exists(&cid).unwrap());
         assert_eq!(store.space().unwrap().total_blocks, 0);
         assert_eq!(store.space().unwrap().quota_used_bytes, 0);
+    }
+
+    #[test]
+    fn a_data_dir_serves_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path(), 1 << 20);
+        let cfg = StoreConfig { data_dir: dir.path().to_path_buf(), quota: 1 << 20, ttl: None };
+        let err = Store::open(&cfg).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
+        drop(first);
+        Store::open(&cfg).unwrap();
     }
 
     #[test]

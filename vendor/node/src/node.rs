@@ -1,0 +1,616 @@
+//! The node: its lifecycle, its own runtime and threads, and the operations it offers.
+//!
+//! A [`Node`] owns a multi-threaded tokio runtime. Its async methods may be awaited from any
+//! executor: disk work runs on the node's blocking pool, never on the caller's threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use libp2p_identity::{Keypair, PeerId};
+use serde::Serialize;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::cid::Cid;
+use crate::config::NodeConfig;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::store::{Dataset, DatasetWriter, Space, Store, StoreConfig};
+
+/// The version this node reports.
+pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"), "+1.0.0-prototype.1");
+
+/// The source revision this node reports.
+pub const REVISION: &str = match option_env!("CODEX_REVISION") {
+    Some(r) => r,
+    None => "unknown",
+};
+
+/// How many blocks a download reads ahead of its consumer.
+const READ_AHEAD: usize = 16;
+
+/// How many events a slow subscriber may fall behind before it loses some.
+const EVENT_BACKLOG: usize = 1024;
+
+/// Lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// Created, not started.
+    Created,
+    /// Running.
+    Started,
+    /// Stopped; may be started again.
+    Stopped,
+    /// Closed: the store is released; only destruction remains.
+    Closed,
+}
+
+/// Something that happened in the node, delivered to event subscribers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum Event {
+    /// The node started.
+    Started,
+    /// The node stopped.
+    Stopped,
+    /// A dataset was stored by an upload.
+    #[serde(rename_all = "camelCase")]
+    DatasetStored {
+        /// Manifest CID.
+        cid: String,
+        /// Unpadded size.
+        dataset_size: u64,
+    },
+    /// A dataset was deleted.
+    DatasetDeleted {
+        /// Manifest CID.
+        cid: String,
+    },
+    /// A background fetch finished: the whole dataset is local.
+    FetchCompleted {
+        /// Manifest CID.
+        cid: String,
+    },
+    /// A background fetch failed.
+    FetchFailed {
+        /// Manifest CID.
+        cid: String,
+        /// Why.
+        error: String,
+    },
+    /// Maintenance deleted expired blocks.
+    BlocksExpired {
+        /// How many.
+        count: usize,
+    },
+}
+
+/// Debug information, as `codex_debug` reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DebugInfo {
+    /// Peer ID.
+    pub id: String,
+    /// Listening addresses.
+    pub addrs: Vec<String>,
+    /// Signed peer record, empty while the node has no network.
+    pub spr: String,
+    /// Announced addresses.
+    pub announce_addresses: Vec<String>,
+    /// Discovery table.
+    pub table: Table,
+}
+
+/// The discovery routing table summary of [`DebugInfo`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Table {
+    /// This node.
+    pub local_node: serde_json::Value,
+    /// Known nodes.
+    pub nodes: Vec<serde_json::Value>,
+}
+
+struct Inner {
+    config: NodeConfig,
+    key: Keypair,
+    peer_id: PeerId,
+    store: Mutex<Option<Arc<Store>>>,
+    state: Mutex<State>,
+    events: broadcast::Sender<Event>,
+    maintenance: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A Codex node. Dropping it shuts its runtime down.
+pub struct Node {
+    inner: Arc<Inner>,
+    runtime: Option<Runtime>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// Creates a node: starts its runtime, opens its store and loads (or creates) its key.
+    pub fn new(config: NodeConfig) -> Result<Self> {
+        let workers = match config.num_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            n => n,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .max_blocking_threads(64)
+            .thread_name("codex-node")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the node's runtime", e))?;
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(|e| Error::io(format!("creating data-dir {}", config.data_dir.display()), e))?;
+        let store = Store::open(&StoreConfig {
+            data_dir: config.data_dir.clone(),
+            quota: config.storage_quota,
+            ttl: config.block_ttl,
+        })?;
+        let key = crate::key::load_or_create(&config.key_path())?;
+        let peer_id = PeerId::from(key.public());
+        let (events, _) = broadcast::channel(EVENT_BACKLOG);
+        tracing::info!(%peer_id, data_dir = %config.data_dir.display(), "node created");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                key,
+                peer_id,
+                store: Mutex::new(Some(Arc::new(store))),
+                state: Mutex::new(State::Created),
+                events,
+                maintenance: Mutex::new(None),
+            }),
+            runtime: Some(runtime),
+        })
+    }
+
+    /// A handle to the node's runtime, to run work on the node's threads.
+    pub fn handle(&self) -> Handle {
+        match &self.runtime {
+            Some(rt) => rt.handle().clone(),
+            None => unreachable!("the runtime lives until the node is dropped"),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The lifecycle state.
+    pub fn state(&self) -> State {
+        *lock(&self.inner.state)
+    }
+
+    /// The node's keypair.
+    pub fn keypair(&self) -> &Keypair {
+        &self.inner.key
+    }
+
+    /// The peer ID (`16Uiu2…`).
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The data directory.
+    pub fn repo(&self) -> &Path {
+        &self.inner.config.data_dir
+    }
+
+    /// Subscribes to events. Subscribers that fall behind by more than 1024 events lose the
+    /// oldest ones.
+    pub fn events(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, e: Event) {
+        let _ = self.inner.events.send(e);
+    }
+
+    /// The store, or an error once the node is closed.
+    pub fn store(&self) -> Result<Arc<Store>> {
+        lock(&self.inner.store)
+            .clone()
+            .ok_or_else(|| Error::State("the node is closed".into()))
+    }
+
+    /// Starts the node (again, after a stop).
+    pub fn start(&self) -> Result<()> {
+        {
+            let mut state = lock(&self.inner.state);
+            match *state {
+                State::Created | State::Stopped => *state = State::Started,
+                State::Started => return Err(Error::State("the node is already started".into())),
+                State::Closed => return Err(Error::State("the node is closed".into())),
+            }
+        }
+        let store = self.store()?;
+        let interval = self.inner.config.block_maintenance_interval;
+        let per_pass = self.inner.config.block_maintenance_blocks;
+        let events = self.inner.events.clone();
+        let task = self.handle().spawn(maintenance(store, interval, per_pass, events));
+        *lock(&self.inner.maintenance) = Some(task);
+        self.emit(Event::Started);
+        tracing::info!(peer = %self.inner.peer_id, "node started");
+        Ok(())
+    }
+
+    /// Stops the node's background work. Stored data stays available.
+    pub fn stop(&self) -> Result<()> {
+        {
+            let mut state = lock(&self.inner.state);
+            match *state {
+                State::Started => *state = State::Stopped,
+                State::Created | State::Stopped => {
+                    return Err(Error::State("the node is not started".into()))
+                }
+                State::Closed => return Err(Error::State("the node is closed".into())),
+            }
+        }
+        if let Some(task) = lock(&self.inner.maintenance).take() {
+            task.abort();
+        }
+        self.emit(Event::Stopped);
+        tracing::info!(peer = %self.inner.peer_id, "node stopped");
+        Ok(())
+    }
+
+    /// Closes the node: releases the store (and the data-dir lock). Stops it first if needed.
+    pub fn close(&self) -> Result<()> {
+        if self.state() == State::Started {
+            self.stop()?;
+        }
+        let mut state = lock(&self.inner.state);
+        if *state == State::Closed {
+            return Err(Error::State("the node is already closed".into()));
+        }
+        *state = State::Closed;
+        lock(&self.inner.store).take();
+        Ok(())
+    }
+
+    /// Runs blocking store work on the node's blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<Store>) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.store()?;
+        self.handle()
+            .spawn_blocking(move || f(store))
+            .await
+            .map_err(|e| Error::State(format!("store task failed: {e}")))?
+    }
+
+    /// Starts an upload. `name` is the file name (or path) recorded in the manifest, with
+    /// the mimetype its extension implies; `block_size` 0 means 65536.
+    pub fn upload(&self, name: Option<&str>, block_size: usize) -> Result<Upload> {
+        let block_size = if block_size == 0 { crate::DEFAULT_BLOCK_SIZE } else { block_size };
+        let (filename, mimetype) = name_and_mimetype(name);
+        let writer = self.store()?.writer(block_size, filename, mimetype)?;
+        Ok(Upload { writer: Some(writer), handle: self.handle(), events: self.inner.events.clone() })
+    }
+
+    /// Uploads the file at `path` (its base name goes into the manifest). `progress` is called
+    /// with the byte count of each stored block, on the node's threads.
+    pub async fn upload_file(
+        &self,
+        path: PathBuf,
+        block_size: usize,
+        mut progress: impl FnMut(u64) + Send + 'static,
+    ) -> Result<Cid> {
+        let mut upload = self.upload(path.to_str(), block_size)?;
+        let Some(mut writer) = upload.writer.take() else {
+            unreachable!("a new upload has its writer")
+        };
+        let bs = writer.block_size();
+        let (cid, manifest) = self
+            .blocking(move |_| {
+                use std::io::Read;
+                let mut f = std::fs::File::open(&path)
+                    .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+                let mut buf = vec![0u8; bs];
+                loop {
+                    let mut filled = 0;
+                    while filled < bs {
+                        match f.read(&mut buf[filled..]) {
+                            Ok(0) => break,
+                            Ok(n) => filled += n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => {
+                                return Err(Error::io(format!("reading {}", path.display()), e))
+                            }
+                        }
+                    }
+                    if filled == 0 {
+                        break;
+                    }
+                    if writer.write(&buf[..filled])? > 0 {
+                        progress(filled as u64);
+                    }
+                    if filled < bs {
+                        break;
+                    }
+                }
+                writer.finish()
+            })
+            .await?;
+        self.emit(Event::DatasetStored {
+            cid: cid.to_string(),
+            dataset_size: manifest.dataset_size,
+        });
+        Ok(cid)
+    }
+
+    /// Opens a stored dataset for streaming, block by block, each verified. Only local data
+    /// can be read until the node has a network (`local` is ignored until then).
+    pub async fn download(&self, cid: Cid, _local: bool) -> Result<Download> {
+        let mut reader = self.blocking(move |s| s.reader(&cid)).await?;
+        let manifest = self.manifest(cid).await?;
+        let (tx, rx) = mpsc::channel(READ_AHEAD);
+        self.handle().spawn_blocking(move || loop {
+            let item = reader.next_block().transpose();
+            let end = !matches!(item, Some(Ok(_)));
+            let Some(item) = item else { break };
+            if tx.blocking_send(item).is_err() || end {
+                break;
+            }
+        });
+        Ok(Download { manifest, rx })
+    }
+
+    /// The manifest of a stored dataset.
+    pub async fn manifest(&self, cid: Cid) -> Result<Manifest> {
+        self.blocking(move |s| s.manifest(&cid)).await
+    }
+
+    /// Every stored dataset.
+    pub async fn list(&self) -> Result<Vec<Dataset>> {
+        self.blocking(|s| s.list()).await
+    }
+
+    /// Quota figures.
+    pub async fn space(&self) -> Result<Space> {
+        self.blocking(|s| s.space()).await
+    }
+
+    /// Whether `cid` is stored (for a dataset: all of it).
+    pub async fn exists(&self, cid: Cid) -> Result<bool> {
+        self.blocking(move |s| s.exists(&cid)).await
+    }
+
+    /// Deletes a block, or a whole dataset by its manifest CID.
+    pub async fn delete(&self, cid: Cid) -> Result<()> {
+        let was_dataset = cid.kind() == crate::CidKind::Manifest;
+        self.blocking(move |s| s.delete(&cid)).await?;
+        if was_dataset {
+            self.emit(Event::DatasetDeleted { cid: cid.to_string() });
+        }
+        Ok(())
+    }
+
+    /// Makes a dataset local and returns its manifest. Without a network only datasets
+    /// already stored can be fetched; completion is reported as [`Event::FetchCompleted`].
+    pub async fn fetch(&self, cid: Cid) -> Result<Manifest> {
+        let manifest = self.manifest(cid).await?;
+        if !self.exists(cid).await? {
+            return Err(Error::NotFound(format!(
+                "part of dataset {cid} (no network to fetch it from)"
+            )));
+        }
+        self.emit(Event::FetchCompleted { cid: cid.to_string() });
+        Ok(manifest)
+    }
+
+    /// Debug information.
+    pub fn debug_info(&self) -> DebugInfo {
+        let id = self.inner.peer_id.to_base58();
+        DebugInfo {
+            id: id.clone(),
+            addrs: Vec::new(),
+            spr: String::new(),
+            announce_addresses: Vec::new(),
+            table: Table { local_node: serde_json::json!({ "peerId": id }), nodes: Vec::new() },
+        }
+    }
+
+    /// Shuts the runtime down, waiting up to `timeout` for running work. Called by `Drop`
+    /// with a short timeout; safe to call from inside another runtime.
+    pub fn shutdown(mut self, timeout: Duration) {
+        self.shutdown_runtime(timeout);
+    }
+
+    fn shutdown_runtime(&mut self, timeout: Duration) {
+        if let Some(task) = lock(&self.inner.maintenance).take() {
+            task.abort();
+        }
+        if let Some(rt) = self.runtime.take() {
+            if Handle::try_current().is_ok() {
+                // Blocking inside an async context is not allowed: let the threads wind down.
+                rt.shutdown_background();
+            } else {
+                rt.shutdown_timeout(timeout);
+            }
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.shutdown_runtime(Duration::from_secs(5));
+    }
+}
+
+/// Periodically deletes expired blocks.
+async fn maintenance(
+    store: Arc<Store>,
+    interval: Duration,
+    per_pass: usize,
+    events: broadcast::Sender<Event>,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = Arc::clone(&store);
+        match tokio::task::spawn_blocking(move || s.maintenance(per_pass)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(count)) => {
+                tracing::info!(count, "deleted expired blocks");
+                let _ = events.send(Event::BlocksExpired { count });
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "block maintenance failed"),
+            Err(e) => tracing::warn!(error = %e, "block maintenance task failed"),
+        }
+    }
+}
+
+/// The manifest file name (the base name) and the mimetype its extension implies.
+fn name_and_mimetype(name: Option<&str>) -> (Option<String>, Option<String>) {
+    let Some(name) = name.filter(|n| !n.is_empty()) else { return (None, None) };
+    let base = name.rsplit('/').next().unwrap_or(name);
+    let filename = (!base.is_empty()).then(|| base.to_owned());
+    (filename, crate::mime::mimetype_for_filename(name).map(str::to_owned))
+}
+
+/// An upload in progress. Dropping it abandons the upload and frees what it stored.
+#[derive(Debug)]
+pub struct Upload {
+    writer: Option<DatasetWriter>,
+    handle: Handle,
+    events: broadcast::Sender<Event>,
+}
+
+impl Upload {
+    /// Appends bytes (any split: the stream is cut into blocks independently).
+    pub async fn write(&mut self, data: Bytes) -> Result<()> {
+        let mut writer =
+            self.writer.take().ok_or_else(|| Error::State("the upload has failed".into()))?;
+        let (writer, r) = self
+            .handle
+            .spawn_blocking(move || {
+                let r = writer.write(&data);
+                (writer, r)
+            })
+            .await
+            .map_err(|e| Error::State(format!("upload task failed: {e}")))?;
+        self.writer = Some(writer);
+        r.map(drop)
+    }
+
+    /// Bytes accepted so far.
+    pub fn len(&self) -> u64 {
+        self.writer.as_ref().map_or(0, DatasetWriter::len)
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Completes the upload; returns the dataset (manifest) CID.
+    pub async fn finish(mut self) -> Result<Cid> {
+        let writer =
+            self.writer.take().ok_or_else(|| Error::State("the upload has failed".into()))?;
+        let (cid, manifest) = self
+            .handle
+            .spawn_blocking(move || writer.finish())
+            .await
+            .map_err(|e| Error::State(format!("upload task failed: {e}")))??;
+        let _ = self.events.send(Event::DatasetStored {
+            cid: cid.to_string(),
+            dataset_size: manifest.dataset_size,
+        });
+        Ok(cid)
+    }
+}
+
+/// A dataset being read. Dropping it stops the read-ahead.
+#[derive(Debug)]
+pub struct Download {
+    manifest: Manifest,
+    rx: mpsc::Receiver<Result<Bytes>>,
+}
+
+impl Download {
+    /// The dataset's manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The next block's bytes (the last one truncated to the dataset size), `None` at the end.
+    pub async fn next_block(&mut self) -> Result<Option<Bytes>> {
+        self.rx.recv().await.transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(dir: &Path) -> Node {
+        let mut cfg = NodeConfig::new(dir);
+        cfg.storage_quota = 1 << 30;
+        Node::new(cfg).unwrap()
+    }
+
+    #[tokio::test]
+    async fn upload_and_download_through_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let mut events = node.events();
+        let mut up = node.upload(Some("hello.txt"), 0).unwrap();
+        up.write(Bytes::from_static(b"Hello World!")).await.unwrap();
+        let cid = up.finish().await.unwrap();
+        assert_eq!(cid.to_string(), "zDvZRwzmAkhzDRPH5EW242gJBNZ2T7aoH2v1fVH66FxXL4kSbvyM");
+        assert!(matches!(events.recv().await.unwrap(), Event::DatasetStored { .. }));
+        let mut dl = node.download(cid, true).await.unwrap();
+        assert_eq!(dl.manifest().filename.as_deref(), Some("hello.txt"));
+        assert_eq!(dl.manifest().mimetype.as_deref(), Some("text/plain"));
+        assert_eq!(dl.next_block().await.unwrap().unwrap().as_ref(), b"Hello World!");
+        assert!(dl.next_block().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn lifecycle_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        assert!(node.stop().is_err());
+        node.start().unwrap();
+        assert!(node.start().is_err());
+        node.stop().unwrap();
+        node.start().unwrap();
+        node.close().unwrap();
+        assert!(node.start().is_err());
+        assert!(node.space().await.is_err());
+        drop(node);
+        // The data-dir is free again for a new node.
+        let again = self::node(dir.path());
+        assert_eq!(again.space().await.unwrap().total_blocks, 0);
+    }
+
+    #[test]
+    fn names_and_mimetypes() {
+        assert_eq!(
+            name_and_mimetype(Some("/a/b/c.JSON")),
+            (Some("c.JSON".into()), Some("application/json".into()))
+        );
+        assert_eq!(name_and_mimetype(Some("noext")), (Some("noext".into()), None));
+        assert_eq!(name_and_mimetype(None), (None, None));
+    }
+}

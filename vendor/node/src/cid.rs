@@ -174,8 +174,14 @@ mod tests {
     #[test]
     fn rejects_garbage_and_foreign_cids() {
         assert!(matches!("".parse::<Cid>(), Err(CidError::Malformed(_))));
-        assert!(matches!("not a cid".parse::<Cid>(), Err(CidError::Malformed(_))));
-        assert!(matches!("zzzzzz".parse::<Cid>(), Err(CidError::Malformed(_))));
+        assert!(matches!(
+            "not a cid".parse::<Cid>(),
+            Err(CidError::Malformed(_))
+        ));
+        assert!(matches!(
+            "zzzzzz".parse::<Cid>(),
+            Err(CidError::Malformed(_))
+        ));
         // CIDv0 (an IPFS dag-pb hash).
         let v0 = "QmdfTbBqBPQ7VNxZEYEj14VmRuZBkqFbiwReogJgS1zR1n";
         assert!(matches!(v0.parse::<Cid>(), Err(CidError::Version(0))));

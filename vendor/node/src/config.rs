@@ -204,7 +204,9 @@ impl NodeConfig {
                         "nocolors" => LogFormat::NoColors,
                         "json" => LogFormat::Json,
                         "none" => LogFormat::None,
-                        other => return Err(one_of(k, other, "auto, colors, nocolors, json, none")),
+                        other => {
+                            return Err(one_of(k, other, "auto, colors, nocolors, json, none"))
+                        }
                     }
                 }
                 "log-file" => cfg.log_file = Some(PathBuf::from(non_empty(k, v)?)),
@@ -249,7 +251,10 @@ fn default_data_dir() -> PathBuf {
 }
 
 fn cfg_err(key: &str, message: impl Into<String>) -> Error {
-    Error::Config { key: key.into(), message: message.into() }
+    Error::Config {
+        key: key.into(),
+        message: message.into(),
+    }
 }
 
 fn type_err(key: &str, expected: &str, got: &Value) -> Error {
@@ -281,8 +286,12 @@ fn non_empty<'a>(key: &str, v: &'a Value) -> Result<&'a str> {
 }
 
 fn strings(key: &str, v: &Value) -> Result<Vec<String>> {
-    let arr = v.as_array().ok_or_else(|| type_err(key, "an array of strings", v))?;
-    arr.iter().map(|s| string(key, s).map(str::to_owned)).collect()
+    let arr = v
+        .as_array()
+        .ok_or_else(|| type_err(key, "an array of strings", v))?;
+    arr.iter()
+        .map(|s| string(key, s).map(str::to_owned))
+        .collect()
 }
 
 fn int(key: &str, v: &Value, min: u64, max: u64) -> Result<u64> {
@@ -298,8 +307,12 @@ fn int(key: &str, v: &Value, min: u64, max: u64) -> Result<u64> {
 
 fn duration(key: &str, v: &Value) -> Result<Duration> {
     let s = string(key, v)?;
-    parse_duration(s)
-        .ok_or_else(|| cfg_err(key, format!("{s:?} is not a duration such as \"30d\" or \"1h30m\"")))
+    parse_duration(s).ok_or_else(|| {
+        cfg_err(
+            key,
+            format!("{s:?} is not a duration such as \"30d\" or \"1h30m\""),
+        )
+    })
 }
 
 /// Parses `"30d"`, `"1h30m"`, `"500ms"`, `"0"`.
@@ -314,13 +327,17 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     let mut total = Duration::ZERO;
     let mut rest = s;
     while !rest.is_empty() {
-        let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
         if digits == 0 {
             return None;
         }
         let n: u64 = rest[..digits].parse().ok()?;
         rest = &rest[digits..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
         let unit = match &rest[..unit_len] {
             "w" => Duration::from_secs(7 * 86400),
             "d" => Duration::from_secs(86400),
@@ -346,7 +363,8 @@ fn parse_nat(key: &str, s: &str) -> Result<Nat> {
         "pmp" => Nat::Pmp,
         _ => match s.strip_prefix("extip:") {
             Some(ip) => Nat::ExtIp(
-                ip.parse().map_err(|_| cfg_err(key, format!("{ip:?} is not an IP address")))?,
+                ip.parse()
+                    .map_err(|_| cfg_err(key, format!("{ip:?} is not an IP address")))?,
             ),
             None => return Err(one_of(key, s, "any, none, upnp, pmp, extip:<ip>")),
         },
@@ -368,14 +386,18 @@ fn validate_multiaddr(key: &str, addr: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(cfg_err(key, format!("{addr:?} is not a TCP multiaddr such as /ip4/0.0.0.0/tcp/0")))
+        Err(cfg_err(
+            key,
+            format!("{addr:?} is not a TCP multiaddr such as /ip4/0.0.0.0/tcp/0"),
+        ))
     }
 }
 
 /// Checks a log level string: `LEVEL` or `LEVEL;TOPIC:LEVEL;…` as the reference accepts.
 pub fn validate_log_level(key: &str, s: &str) -> Result<()> {
-    const LEVELS: [&str; 9] =
-        ["trace", "debug", "info", "notice", "warn", "error", "fatal", "none", "off"];
+    const LEVELS: [&str; 9] = [
+        "trace", "debug", "info", "notice", "warn", "error", "fatal", "none", "off",
+    ];
     let valid = |l: &str| LEVELS.contains(&l.to_ascii_lowercase().as_str());
     for (i, part) in s.split(';').enumerate() {
         let level = match part.split_once(':') {
@@ -386,7 +408,9 @@ pub fn validate_log_level(key: &str, s: &str) -> Result<()> {
         if !valid(level.trim()) {
             return Err(cfg_err(
                 key,
-                format!("{s:?}: {level:?} is not one of trace, debug, info, notice, warn, error, fatal"),
+                format!(
+                    "{s:?}: {level:?} is not one of trace, debug, info, notice, warn, error, fatal"
+                ),
             ));
         }
     }
@@ -430,7 +454,12 @@ mod tests {
         assert_eq!(cfg.disc_port, 8090);
         assert_eq!(cfg.max_peers, 160);
         assert_eq!(cfg.block_retries, 3000);
-        assert_eq!(NodeConfig::from_json(r#"{"block-ttl": "0"}"#).unwrap().block_ttl, None);
+        assert_eq!(
+            NodeConfig::from_json(r#"{"block-ttl": "0"}"#)
+                .unwrap()
+                .block_ttl,
+            None
+        );
     }
 
     #[test]

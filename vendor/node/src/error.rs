@@ -89,7 +89,10 @@ pub enum Error {
 impl Error {
     /// An I/O error with context.
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 

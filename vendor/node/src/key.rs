@@ -29,7 +29,11 @@ fn decode(path: &Path, bytes: &[u8]) -> Result<Keypair> {
     if key.key_type() != KeyType::Secp256k1 {
         return Err(Error::Config {
             key: "net-privkey".into(),
-            message: format!("{} holds a {:?} key; Codex uses secp256k1", path.display(), key.key_type()),
+            message: format!(
+                "{} holds a {:?} key; Codex uses secp256k1",
+                path.display(),
+                key.key_type()
+            ),
         });
     }
     if let Ok(meta) = fs::metadata(path) {
@@ -46,8 +50,7 @@ fn create(path: &Path) -> Result<Keypair> {
         .to_protobuf_encoding()
         .map_err(|e| Error::State(format!("encoding a new key: {e}")))?;
     if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir)
-            .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
     }
     let ctx = || format!("writing key file {}", path.display());
     let mut f = fs::OpenOptions::new()
@@ -56,7 +59,9 @@ fn create(path: &Path) -> Result<Keypair> {
         .mode(0o600)
         .open(path)
         .map_err(|e| Error::io(ctx(), e))?;
-    f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(|e| Error::io(ctx(), e))?;
+    f.write_all(&bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| Error::io(ctx(), e))?;
     tracing::info!(path = %path.display(), peer = %PeerId::from(key.public()), "created node key");
     Ok(key)
 }
@@ -73,7 +78,10 @@ mod tests {
         let bytes = fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 36);
         assert_eq!(&bytes[..4], &[0x08, 0x02, 0x12, 0x20]);
-        assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let b = load_or_create(&path).unwrap();
         let id = PeerId::from(a.public());
         assert_eq!(id, PeerId::from(b.public()));

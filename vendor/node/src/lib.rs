@@ -18,10 +18,11 @@ pub mod store;
 
 pub use cid::{Cid, CidKind};
 pub use config::NodeConfig;
-pub use node::{Download, Event, Node, State, Upload};
 pub use error::{Error, Result};
+pub use libp2p_identity::PeerId;
 pub use manifest::Manifest;
 pub use merkle::{CodexTree, Proof};
+pub use node::{Download, Event, Node, State, Upload};
 
 /// Default block size (the reference's `DefaultBlockSize`).
 pub const DEFAULT_BLOCK_SIZE: usize = 65536;

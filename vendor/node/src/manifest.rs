@@ -108,7 +108,13 @@ impl Manifest {
         if size == 0 {
             return Err(ManifestError::Invalid("empty dataset"));
         }
-        Ok(Self { tree_cid, block_size, dataset_size: size, filename, mimetype })
+        Ok(Self {
+            tree_cid,
+            block_size,
+            dataset_size: size,
+            filename,
+            mimetype,
+        })
     }
 
     /// The JSON object of the C ABI.
@@ -151,7 +157,9 @@ mod tests {
     use super::*;
 
     fn tree_cid() -> Cid {
-        "zDzSvJTezk7bJNQqFq8k1iHXY84psNuUfZVusA5bBQQUSuyzDSVL".parse().unwrap()
+        "zDzSvJTezk7bJNQqFq8k1iHXY84psNuUfZVusA5bBQQUSuyzDSVL"
+            .parse()
+            .unwrap()
     }
 
     #[test]
@@ -168,7 +176,10 @@ mod tests {
         expect.extend([0x10, 0x80, 0x80, 0x04, 0x18, 0x12, 0x20, 0x82, 0x9a, 0x03]);
         expect.extend([0x28, 0x12, 0x30, 0x02]);
         assert_eq!(m.encode(), expect);
-        assert_eq!(m.cid().to_string(), "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy");
+        assert_eq!(
+            m.cid().to_string(),
+            "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy"
+        );
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
     }
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{broadcast, mpsc};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::cid::Cid;
 use crate::config::NodeConfig;
@@ -122,17 +123,38 @@ struct Inner {
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
     maintenance: Mutex<Option<JoinHandle<()>>>,
+    /// Cancelled at shutdown: long blocking loops check it.
+    shutdown: CancellationToken,
+    runtime: Mutex<Option<Runtime>>,
 }
 
-/// A Codex node. Dropping it shuts its runtime down.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(rt) = self
+            .runtime
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            // The last handle went away without `shutdown`: wind down without blocking.
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A Codex node: a cheap, cloneable handle. Call [`Node::shutdown`] for an orderly end;
+/// when the last handle is dropped without it, the runtime winds down in the background.
+#[derive(Clone)]
 pub struct Node {
     inner: Arc<Inner>,
-    runtime: Option<Runtime>,
+    handle: Handle,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -154,8 +176,12 @@ impl Node {
             .enable_all()
             .build()
             .map_err(|e| Error::io("starting the node's runtime", e))?;
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(|e| Error::io(format!("creating data-dir {}", config.data_dir.display()), e))?;
+        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+            Error::io(
+                format!("creating data-dir {}", config.data_dir.display()),
+                e,
+            )
+        })?;
         let store = Store::open(&StoreConfig {
             data_dir: config.data_dir.clone(),
             quota: config.storage_quota,
@@ -165,6 +191,7 @@ impl Node {
         let peer_id = PeerId::from(key.public());
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         tracing::info!(%peer_id, data_dir = %config.data_dir.display(), "node created");
+        let handle = runtime.handle().clone();
         Ok(Self {
             inner: Arc::new(Inner {
                 config,
@@ -174,17 +201,16 @@ impl Node {
                 state: Mutex::new(State::Created),
                 events,
                 maintenance: Mutex::new(None),
+                shutdown: CancellationToken::new(),
+                runtime: Mutex::new(Some(runtime)),
             }),
-            runtime: Some(runtime),
+            handle,
         })
     }
 
     /// A handle to the node's runtime, to run work on the node's threads.
     pub fn handle(&self) -> Handle {
-        match &self.runtime {
-            Some(rt) => rt.handle().clone(),
-            None => unreachable!("the runtime lives until the node is dropped"),
-        }
+        self.handle.clone()
     }
 
     /// The configuration.
@@ -243,7 +269,9 @@ impl Node {
         let interval = self.inner.config.block_maintenance_interval;
         let per_pass = self.inner.config.block_maintenance_blocks;
         let events = self.inner.events.clone();
-        let task = self.handle().spawn(maintenance(store, interval, per_pass, events));
+        let task = self
+            .handle()
+            .spawn(maintenance(store, interval, per_pass, events));
         *lock(&self.inner.maintenance) = Some(task);
         self.emit(Event::Started);
         tracing::info!(peer = %self.inner.peer_id, "node started");
@@ -300,20 +328,31 @@ impl Node {
     /// Starts an upload. `name` is the file name (or path) recorded in the manifest, with
     /// the mimetype its extension implies; `block_size` 0 means 65536.
     pub fn upload(&self, name: Option<&str>, block_size: usize) -> Result<Upload> {
-        let block_size = if block_size == 0 { crate::DEFAULT_BLOCK_SIZE } else { block_size };
+        let block_size = if block_size == 0 {
+            crate::DEFAULT_BLOCK_SIZE
+        } else {
+            block_size
+        };
         let (filename, mimetype) = name_and_mimetype(name);
         let writer = self.store()?.writer(block_size, filename, mimetype)?;
-        Ok(Upload { writer: Some(writer), handle: self.handle(), events: self.inner.events.clone() })
+        Ok(Upload {
+            writer: Some(writer),
+            handle: self.handle(),
+            events: self.inner.events.clone(),
+        })
     }
 
     /// Uploads the file at `path` (its base name goes into the manifest). `progress` is called
-    /// with the byte count of each stored block, on the node's threads.
+    /// with the byte count of each stored block, on the node's threads. Cancelling `cancel`
+    /// (or shutting the node down) abandons the upload at the next block.
     pub async fn upload_file(
         &self,
         path: PathBuf,
         block_size: usize,
         mut progress: impl FnMut(u64) + Send + 'static,
+        cancel: CancellationToken,
     ) -> Result<Cid> {
+        let shutdown = self.inner.shutdown.clone();
         let mut upload = self.upload(path.to_str(), block_size)?;
         let Some(mut writer) = upload.writer.take() else {
             unreachable!("a new upload has its writer")
@@ -326,6 +365,9 @@ impl Node {
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
                 let mut buf = vec![0u8; bs];
                 loop {
+                    if cancel.is_cancelled() || shutdown.is_cancelled() {
+                        return Err(Error::Cancelled);
+                    }
                     let mut filled = 0;
                     while filled < bs {
                         match f.read(&mut buf[filled..]) {
@@ -399,7 +441,9 @@ impl Node {
         let was_dataset = cid.kind() == crate::CidKind::Manifest;
         self.blocking(move |s| s.delete(&cid)).await?;
         if was_dataset {
-            self.emit(Event::DatasetDeleted { cid: cid.to_string() });
+            self.emit(Event::DatasetDeleted {
+                cid: cid.to_string(),
+            });
         }
         Ok(())
     }
@@ -413,7 +457,9 @@ impl Node {
                 "part of dataset {cid} (no network to fetch it from)"
             )));
         }
-        self.emit(Event::FetchCompleted { cid: cid.to_string() });
+        self.emit(Event::FetchCompleted {
+            cid: cid.to_string(),
+        });
         Ok(manifest)
     }
 
@@ -425,34 +471,31 @@ impl Node {
             addrs: Vec::new(),
             spr: String::new(),
             announce_addresses: Vec::new(),
-            table: Table { local_node: serde_json::json!({ "peerId": id }), nodes: Vec::new() },
+            table: Table {
+                local_node: serde_json::json!({ "peerId": id }),
+                nodes: Vec::new(),
+            },
         }
     }
 
-    /// Shuts the runtime down, waiting up to `timeout` for running work. Called by `Drop`
-    /// with a short timeout; safe to call from inside another runtime.
-    pub fn shutdown(mut self, timeout: Duration) {
-        self.shutdown_runtime(timeout);
-    }
-
-    fn shutdown_runtime(&mut self, timeout: Duration) {
+    /// Shuts the node down: cancels its work, stops its runtime (waiting up to `timeout` for
+    /// running work, or not at all when called from inside an async context) and releases
+    /// the store. Idempotent; every clone is affected.
+    pub fn shutdown(&self, timeout: Duration) {
+        self.inner.shutdown.cancel();
         if let Some(task) = lock(&self.inner.maintenance).take() {
             task.abort();
         }
-        if let Some(rt) = self.runtime.take() {
+        *lock(&self.inner.state) = State::Closed;
+        lock(&self.inner.store).take();
+        let rt = lock(&self.inner.runtime).take();
+        if let Some(rt) = rt {
             if Handle::try_current().is_ok() {
-                // Blocking inside an async context is not allowed: let the threads wind down.
                 rt.shutdown_background();
             } else {
                 rt.shutdown_timeout(timeout);
             }
         }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.shutdown_runtime(Duration::from_secs(5));
     }
 }
 
@@ -482,10 +525,15 @@ async fn maintenance(
 
 /// The manifest file name (the base name) and the mimetype its extension implies.
 fn name_and_mimetype(name: Option<&str>) -> (Option<String>, Option<String>) {
-    let Some(name) = name.filter(|n| !n.is_empty()) else { return (None, None) };
+    let Some(name) = name.filter(|n| !n.is_empty()) else {
+        return (None, None);
+    };
     let base = name.rsplit('/').next().unwrap_or(name);
     let filename = (!base.is_empty()).then(|| base.to_owned());
-    (filename, crate::mime::mimetype_for_filename(name).map(str::to_owned))
+    (
+        filename,
+        crate::mime::mimetype_for_filename(name).map(str::to_owned),
+    )
 }
 
 /// An upload in progress. Dropping it abandons the upload and frees what it stored.
@@ -499,8 +547,10 @@ pub struct Upload {
 impl Upload {
     /// Appends bytes (any split: the stream is cut into blocks independently).
     pub async fn write(&mut self, data: Bytes) -> Result<()> {
-        let mut writer =
-            self.writer.take().ok_or_else(|| Error::State("the upload has failed".into()))?;
+        let mut writer = self
+            .writer
+            .take()
+            .ok_or_else(|| Error::State("the upload has failed".into()))?;
         let (writer, r) = self
             .handle
             .spawn_blocking(move || {
@@ -525,8 +575,10 @@ impl Upload {
 
     /// Completes the upload; returns the dataset (manifest) CID.
     pub async fn finish(mut self) -> Result<Cid> {
-        let writer =
-            self.writer.take().ok_or_else(|| Error::State("the upload has failed".into()))?;
+        let writer = self
+            .writer
+            .take()
+            .ok_or_else(|| Error::State("the upload has failed".into()))?;
         let (cid, manifest) = self
             .handle
             .spawn_blocking(move || writer.finish())
@@ -577,12 +629,21 @@ mod tests {
         let mut up = node.upload(Some("hello.txt"), 0).unwrap();
         up.write(Bytes::from_static(b"Hello World!")).await.unwrap();
         let cid = up.finish().await.unwrap();
-        assert_eq!(cid.to_string(), "zDvZRwzmAkhzDRPH5EW242gJBNZ2T7aoH2v1fVH66FxXL4kSbvyM");
-        assert!(matches!(events.recv().await.unwrap(), Event::DatasetStored { .. }));
+        assert_eq!(
+            cid.to_string(),
+            "zDvZRwzmAkhzDRPH5EW242gJBNZ2T7aoH2v1fVH66FxXL4kSbvyM"
+        );
+        assert!(matches!(
+            events.recv().await.unwrap(),
+            Event::DatasetStored { .. }
+        ));
         let mut dl = node.download(cid, true).await.unwrap();
         assert_eq!(dl.manifest().filename.as_deref(), Some("hello.txt"));
         assert_eq!(dl.manifest().mimetype.as_deref(), Some("text/plain"));
-        assert_eq!(dl.next_block().await.unwrap().unwrap().as_ref(), b"Hello World!");
+        assert_eq!(
+            dl.next_block().await.unwrap().unwrap().as_ref(),
+            b"Hello World!"
+        );
         assert!(dl.next_block().await.unwrap().is_none());
     }
 
@@ -610,7 +671,10 @@ mod tests {
             name_and_mimetype(Some("/a/b/c.JSON")),
             (Some("c.JSON".into()), Some("application/json".into()))
         );
-        assert_eq!(name_and_mimetype(Some("noext")), (Some("noext".into()), None));
+        assert_eq!(
+            name_and_mimetype(Some("noext")),
+            (Some("noext".into()), None)
+        );
         assert_eq!(name_and_mimetype(None), (None, None));
     }
 }

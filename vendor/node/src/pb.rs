@@ -161,7 +161,13 @@ mod tests {
 
     #[test]
     fn hostile_input_is_an_error_not_a_panic() {
-        for bad in [&[0x80u8][..], &[0x0a, 0x05, 1], &[0x00, 0x01], &[0x0b], &[0xff; 11]] {
+        for bad in [
+            &[0x80u8][..],
+            &[0x0a, 0x05, 1],
+            &[0x00, 0x01],
+            &[0x0b],
+            &[0xff; 11],
+        ] {
             assert!(Fields::new(bad).any(|f| f.is_err()), "{bad:?}");
         }
     }

@@ -121,7 +121,9 @@ struct TreeEntry {
 }
 
 fn now_secs() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
@@ -237,10 +239,18 @@ impl Store {
             let used = self.used.load(Ordering::SeqCst);
             let available = self.quota.saturating_sub(used.saturating_add(cur));
             if bytes > available {
-                return Err(Error::Quota { needed: bytes, available, quota: self.quota });
+                return Err(Error::Quota {
+                    needed: bytes,
+                    available,
+                    quota: self.quota,
+                });
             }
-            match self.reserved.compare_exchange(cur, cur + bytes, Ordering::SeqCst, Ordering::SeqCst)
-            {
+            match self.reserved.compare_exchange(
+                cur,
+                cur + bytes,
+                Ordering::SeqCst,
+                Ordering::SeqCst,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(actual) => cur = actual,
             }
@@ -253,7 +263,8 @@ impl Store {
 
     /// Quota figures.
     pub fn space(&self) -> Result<Space> {
-        let total: i64 = lock(&self.db).query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
+        let total: i64 =
+            lock(&self.db).query_row("SELECT COUNT(*) FROM blocks", [], |r| r.get(0))?;
         Ok(Space {
             total_blocks: total as u64,
             quota_max_bytes: self.quota,
@@ -282,7 +293,10 @@ impl Store {
                 crate::MAX_BLOCK_SIZE
             )));
         }
-        let path = self.dir.join("tmp").join(format!("upload-{}.part", unique_suffix()));
+        let path = self
+            .dir
+            .join("tmp")
+            .join(format!("upload-{}.part", unique_suffix()));
         let file = File::options()
             .write(true)
             .create_new(true)
@@ -322,7 +336,11 @@ impl Store {
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut added: u64 = 0;
         let tree_id: i64 = match tx
-            .query_row("SELECT id FROM trees WHERE cid = ?1", [tree_cid.to_bytes()], |r| r.get(0))
+            .query_row(
+                "SELECT id FROM trees WHERE cid = ?1",
+                [tree_cid.to_bytes()],
+                |r| r.get(0),
+            )
             .optional()?
         {
             Some(id) => id,
@@ -395,7 +413,8 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
             .optional()?;
-        let (block_size, leaves) = row.ok_or_else(|| Error::NotFound(format!("tree {tree_cid}")))?;
+        let (block_size, leaves) =
+            row.ok_or_else(|| Error::NotFound(format!("tree {tree_cid}")))?;
         let leaves: Vec<Digest32> = leaves
             .chunks_exact(32)
             .map(|c| c.try_into().unwrap_or([0; 32]))
@@ -409,7 +428,11 @@ impl Store {
         }
         let path = self.tree_path(tree_cid);
         let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        let entry = Arc::new(TreeEntry { tree, block_size: block_size as u64, file });
+        let entry = Arc::new(TreeEntry {
+            tree,
+            block_size: block_size as u64,
+            file,
+        });
         let mut cache = lock(&self.trees);
         if cache.len() >= TREE_CACHE {
             cache.remove(0);
@@ -438,7 +461,9 @@ impl Store {
         if &digest != leaf {
             let cid = Cid::from_digest(CidKind::Block, *leaf);
             if !self.has_block(&cid)? {
-                return Err(Error::NotFound(format!("block {cid} (index {index} of {tree_cid})")));
+                return Err(Error::NotFound(format!(
+                    "block {cid} (index {index} of {tree_cid})"
+                )));
             }
             tracing::error!(%cid, index, tree = %tree_cid, "stored block fails verification");
             return Err(Error::Corrupt {
@@ -451,7 +476,9 @@ impl Store {
 
     /// Returns a stored block by CID, verified.
     pub fn block(&self, cid: &Cid) -> Result<Bytes> {
-        let row: Option<(Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>)> = lock(&self.db)
+        /// Inline data, or the tree CID and index where the block lives.
+        type Location = (Option<Vec<u8>>, Option<Vec<u8>>, Option<i64>);
+        let row: Option<Location> = lock(&self.db)
             .query_row(
                 "SELECT b.data, t.cid, b.idx FROM blocks b LEFT JOIN trees t ON t.id = b.tree_id
                  WHERE b.cid = ?1",
@@ -465,7 +492,10 @@ impl Store {
                 if cid.matches(&data) {
                     Ok(Bytes::from(data))
                 } else {
-                    Err(Error::Corrupt { cid: cid.to_string(), detail: "hash mismatch".into() })
+                    Err(Error::Corrupt {
+                        cid: cid.to_string(),
+                        detail: "hash mismatch".into(),
+                    })
                 }
             }
             Some((None, Some(tree), Some(idx))) => {
@@ -483,7 +513,9 @@ impl Store {
     /// The manifest of a dataset.
     pub fn manifest(&self, cid: &Cid) -> Result<Manifest> {
         if cid.kind() != CidKind::Manifest {
-            return Err(Error::Invalid(format!("{cid} is not a manifest (dataset) CID")));
+            return Err(Error::Invalid(format!(
+                "{cid} is not a manifest (dataset) CID"
+            )));
         }
         Ok(Manifest::decode(&self.block(cid)?)?)
     }
@@ -530,7 +562,9 @@ impl Store {
         let mut stmt = db.prepare(
             "SELECT m.cid, b.data FROM manifests m JOIN blocks b ON b.cid = m.cid ORDER BY m.cid",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let rows = stmt.query_map([], |r| {
+            Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?))
+        })?;
         let mut out = Vec::new();
         for row in rows {
             let (cid, data) = row?;
@@ -641,7 +675,9 @@ impl Store {
     /// verification and report the block missing).
     fn punch(&self, tree: &Cid, block_size: u64, index: u64) {
         let path = self.tree_path(tree);
-        let Ok(file) = File::options().write(true).open(&path) else { return };
+        let Ok(file) = File::options().write(true).open(&path) else {
+            return;
+        };
         let zeros = vec![0u8; block_size as usize];
         if let Err(e) = punch_hole(&file, index * block_size, block_size)
             .or_else(|_| file.write_all_at(&zeros, index * block_size))
@@ -698,8 +734,9 @@ fn release_tree(tx: &rusqlite::Transaction<'_>, tree_id: i64, leaves: &[u8]) -> 
         }
         let digest: Digest32 = leaf.try_into().unwrap_or([0; 32]);
         let cid = Cid::from_digest(CidKind::Block, digest).to_bytes();
-        let row: Option<(i64, i64, Option<i64>)> =
-            dec.query_row([&cid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?;
+        let row: Option<(i64, i64, Option<i64>)> = dec
+            .query_row([&cid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
         match row {
             Some((refs, size, _)) if refs <= 0 => {
                 del.execute([&cid])?;
@@ -729,15 +766,20 @@ fn release_tree(tx: &rusqlite::Transaction<'_>, tree_id: i64, leaves: &[u8]) -> 
     Ok(freed)
 }
 
-/// Trees whose leaves include `digest`: (id, cid, block size, indices). A full scan, used
-/// only on the rare paths that delete shared blocks.
-fn trees_containing(
-    tx: &rusqlite::Transaction<'_>,
-    digest: &Digest32,
-) -> Result<Vec<(i64, Cid, u64, Vec<u64>)>> {
+/// A tree holding a given block: (id, cid, block size, leaf indices).
+type TreeHit = (i64, Cid, u64, Vec<u64>);
+
+/// Trees whose leaves include `digest`. A full scan, used only on the rare paths that
+/// delete shared blocks.
+fn trees_containing(tx: &rusqlite::Transaction<'_>, digest: &Digest32) -> Result<Vec<TreeHit>> {
     let mut stmt = tx.prepare_cached("SELECT id, cid, block_size, leaves FROM trees")?;
     let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?, r.get::<_, Vec<u8>>(3)?))
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Vec<u8>>(3)?,
+        ))
     })?;
     let mut out = Vec::new();
     for row in rows {
@@ -774,8 +816,14 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 
 fn unique_suffix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    format!("{}-{nanos:x}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos:x}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Takes the data-dir's lock file, failing when another node (in any process) holds it.
@@ -817,6 +865,7 @@ fn free_space(path: &Path) -> Result<u64> {
     }
     // SAFETY: statvfs returned 0, so `st` is initialised.
     let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
@@ -875,7 +924,9 @@ impl DatasetWriter {
     /// upload cannot go on: drop it.
     pub fn write(&mut self, mut data: &[u8]) -> Result<usize> {
         if self.failed {
-            return Err(Error::State("this upload failed earlier and was abandoned".into()));
+            return Err(Error::State(
+                "this upload failed earlier and was abandoned".into(),
+            ));
         }
         let mut stored = 0;
         while !data.is_empty() {
@@ -914,9 +965,13 @@ impl DatasetWriter {
                 self.reserved += self.block_size as u64;
             }
         }
-        let file = self.file.as_ref().ok_or(Error::State("upload already finished".into()))?;
+        let file = self
+            .file
+            .as_ref()
+            .ok_or(Error::State("upload already finished".into()))?;
         let offset = self.leaves.len() as u64 * self.block_size as u64;
-        file.write_all_at(block, offset).map_err(io_err("writing block"))?;
+        file.write_all_at(block, offset)
+            .map_err(io_err("writing block"))?;
         self.leaves.push(digest);
         Ok(())
     }
@@ -925,7 +980,9 @@ impl DatasetWriter {
     /// dataset. Returns the manifest CID and the manifest.
     pub fn finish(mut self) -> Result<(Cid, Manifest)> {
         if self.failed {
-            return Err(Error::State("this upload failed earlier and was abandoned".into()));
+            return Err(Error::State(
+                "this upload failed earlier and was abandoned".into(),
+            ));
         }
         let size = self.len();
         let partial = self.buf.len();
@@ -951,7 +1008,9 @@ impl DatasetWriter {
         if let Some(file) = self.file.take() {
             drop(file);
         }
-        let cid = self.store.commit(&self.path, tree, self.block_size as u64, &manifest)?;
+        let cid = self
+            .store
+            .commit(&self.path, tree, self.block_size as u64, &manifest)?;
         Ok((cid, manifest))
     }
 }
@@ -985,7 +1044,9 @@ impl DatasetReader {
         if self.remaining == 0 {
             return Ok(None);
         }
-        let mut block = self.store.read_leaf(&self.tree_cid, &self.entry, self.next)?;
+        let mut block = self
+            .store
+            .read_leaf(&self.tree_cid, &self.entry, self.next)?;
         self.next += 1;
         let n = (block.len() as u64).min(self.remaining);
         block.truncate(n as usize);
@@ -1002,7 +1063,11 @@ mod tests {
     use super::*;
 
     fn open(dir: &Path, quota: u64) -> Arc<Store> {
-        let cfg = StoreConfig { data_dir: dir.to_path_buf(), quota, ttl: None };
+        let cfg = StoreConfig {
+            data_dir: dir.to_path_buf(),
+            quota,
+            ttl: None,
+        };
         Arc::new(Store::open(&cfg).unwrap())
     }
 
@@ -1026,10 +1091,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = open(dir.path(), 1 << 30);
         let (cid, m) = upload(&store, b"some file contents", 65536).unwrap();
-        assert_eq!(m.tree_cid.to_string(), "zDzSvJTezk7bJNQqFq8k1iHXY84psNuUfZVusA5bBQQUSuyzDSVL");
-        assert_eq!(cid.to_string(), "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy");
+        assert_eq!(
+            m.tree_cid.to_string(),
+            "zDzSvJTezk7bJNQqFq8k1iHXY84psNuUfZVusA5bBQQUSuyzDSVL"
+        );
+        assert_eq!(
+            cid.to_string(),
+            "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy"
+        );
         let (_, m) = upload(&store, &vec![b'a'; 131082], 65536).unwrap();
-        assert_eq!(m.tree_cid.to_string(), "zDzSvJTfF5HWJpRa3BxWkAj7ecnNwZ7GSbsYj8SmvS4WWv3F6aQQ");
+        assert_eq!(
+            m.tree_cid.to_string(),
+            "zDzSvJTfF5HWJpRa3BxWkAj7ecnNwZ7GSbsYj8SmvS4WWv3F6aQQ"
+        );
     }
 
     #[test]
@@ -1060,7 +1134,10 @@ mod tests {
         let (cid2, m2) = upload(&store, &[1u8; 2048], 1024).unwrap();
         let s2 = store.space().unwrap();
         assert_eq!(s2.total_blocks, 4);
-        assert_eq!(s2.quota_used_bytes, s.quota_used_bytes + 1024 + m2.encode().len() as u64);
+        assert_eq!(
+            s2.quota_used_bytes,
+            s.quota_used_bytes + 1024 + m2.encode().len() as u64
+        );
         store.delete(&cid2).unwrap();
         assert_eq!(store.space().unwrap(), s);
         store.delete(&cid).unwrap();
@@ -1123,7 +1200,10 @@ mod tests {
         store.delete(&block).unwrap();
         assert!(!store.exists(&block).unwrap());
         assert!(!store.exists(&cid).unwrap());
-        assert!(matches!(read_all(&store, &cid).unwrap_err(), Error::NotFound(_)));
+        assert!(matches!(
+            read_all(&store, &cid).unwrap_err(),
+            Error::NotFound(_)
+        ));
     }
 
     #[test]
@@ -1135,7 +1215,11 @@ mod tests {
             cid
         };
         // What a process killed mid-upload leaves: a partial file in tmp/.
-        fs::write(dir.path().join("tmp").join("upload-1-2-3.part"), [1u8; 5000]).unwrap();
+        fs::write(
+            dir.path().join("tmp").join("upload-1-2-3.part"),
+            [1u8; 5000],
+        )
+        .unwrap();
         fs::write(dir.path().join("blocks").join("stray.dat"), b"x").unwrap();
         let store = open(dir.path(), 1 << 30);
         assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
@@ -1166,7 +1250,11 @@ mod tests {
     fn a_data_dir_serves_one_store_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
         let first = open(dir.path(), 1 << 20);
-        let cfg = StoreConfig { data_dir: dir.path().to_path_buf(), quota: 1 << 20, ttl: None };
+        let cfg = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            quota: 1 << 20,
+            ttl: None,
+        };
         let err = Store::open(&cfg).unwrap_err();
         assert!(err.to_string().contains("in use"), "{err}");
         drop(first);
@@ -1176,7 +1264,11 @@ mod tests {
     #[test]
     fn quota_larger_than_the_disk_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = StoreConfig { data_dir: dir.path().to_path_buf(), quota: u64::MAX, ttl: None };
+        let cfg = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            quota: u64::MAX,
+            ttl: None,
+        };
         let err = Store::open(&cfg).unwrap_err();
         assert!(matches!(err, Error::DiskSpace { .. }), "{err}");
         assert!(err.to_string().contains("storage-quota"));

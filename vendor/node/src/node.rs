@@ -382,12 +382,14 @@ impl Node {
                     if filled == 0 {
                         break;
                     }
-                    if writer.write(&buf[..filled])? > 0 {
-                        progress(filled as u64);
-                    }
+                    writer.write(&buf[..filled])?;
                     if filled < bs {
-                        break;
+                        // The last, partial block is stored (padded) by `finish`.
+                        let done = writer.finish()?;
+                        progress(filled as u64);
+                        return Ok(done);
                     }
+                    progress(filled as u64);
                 }
                 writer.finish()
             })

@@ -1,0 +1,313 @@
+//! `codex-cli`: a command-line program embedding a Codex node.
+//!
+//! With no command it runs a demonstration in a temporary data-dir: it generates a file,
+//! uploads it, shows the manifest and the store, downloads the dataset back and checks
+//! every byte. The commands work on a persistent data-dir (`--data-dir`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+use codex::{Cid, CodexConfig, CodexNode};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::io::AsyncWriteExt;
+
+/// An in-process Codex storage node on the command line.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// Where the node keeps its data.
+    #[arg(long, global = true, default_value = "codex-data")]
+    data_dir: PathBuf,
+    /// Storage quota in bytes (default: 20 GiB, or 90% of the free disk space if less).
+    #[arg(long, global = true)]
+    quota: Option<u64>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Upload a file and print its CID.
+    Upload {
+        /// The file.
+        file: PathBuf,
+        /// Block size in bytes (changes the CID).
+        #[arg(long, default_value_t = codex::DEFAULT_BLOCK_SIZE)]
+        block_size: usize,
+    },
+    /// Download a dataset to a file.
+    Download {
+        /// The dataset CID.
+        cid: String,
+        /// Where to write it.
+        out: PathBuf,
+    },
+    /// Show a dataset's manifest.
+    Manifest {
+        /// The dataset CID.
+        cid: String,
+    },
+    /// List the stored datasets.
+    List,
+    /// Show the quota figures.
+    Space,
+    /// Delete a dataset.
+    Delete {
+        /// The dataset CID.
+        cid: String,
+    },
+    /// Run the demonstration (the default).
+    Demo {
+        /// Size of the generated file in MiB.
+        #[arg(long, default_value_t = 256)]
+        size_mib: u64,
+    },
+}
+
+type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Res<()> {
+    match cli.command.unwrap_or(Command::Demo { size_mib: 256 }) {
+        Command::Demo { size_mib } => demo(size_mib, cli.quota).await,
+        command => {
+            let node = open(&cli.data_dir, cli.quota).await?;
+            let r = one(&node, command).await;
+            node.destroy().await?;
+            r
+        }
+    }
+}
+
+async fn open(dir: &Path, quota: Option<u64>) -> Res<CodexNode> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let quota = match quota {
+        Some(q) => q,
+        None => default_quota(dir)?,
+    };
+    let cfg = CodexConfig::builder()
+        .data_dir(dir)
+        .storage_quota(quota)
+        .build()?;
+    let node = CodexNode::new(cfg).await?;
+    node.start().await?;
+    Ok(node)
+}
+
+fn parse_cid(s: &str) -> Res<Cid> {
+    Ok(s.parse::<Cid>()?)
+}
+
+async fn one(node: &CodexNode, command: Command) -> Res<()> {
+    match command {
+        Command::Upload { file, block_size } => {
+            let cid = upload(node, &file, block_size).await?;
+            println!("{cid}");
+        }
+        Command::Download { cid, out } => {
+            download(node, &parse_cid(&cid)?, &out).await?;
+        }
+        Command::Manifest { cid } => {
+            let m = node.manifest(&parse_cid(&cid)?).await?;
+            println!("{}", serde_json::to_string_pretty(&m)?);
+        }
+        Command::List => {
+            for d in node.list().await? {
+                let name = d.manifest.filename.as_deref().unwrap_or("-");
+                println!("{}  {:>12}  {name}", d.cid, d.manifest.dataset_size);
+            }
+        }
+        Command::Space => {
+            println!("{}", serde_json::to_string_pretty(&node.space().await?)?);
+        }
+        Command::Delete { cid } => {
+            node.delete(&parse_cid(&cid)?).await?;
+        }
+        Command::Demo { .. } => unreachable!("handled by run"),
+    }
+    Ok(())
+}
+
+fn bar(total: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(
+        "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    pb.set_style(style);
+    pb.set_message(what.to_owned());
+    pb
+}
+
+async fn upload(node: &CodexNode, file: &Path, block_size: usize) -> Res<Cid> {
+    let len = std::fs::metadata(file)
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .len();
+    let pb = bar(len, "upload");
+    let upload = node.upload().block_size(block_size).file(file);
+    let mut progress = upload.progress();
+    let pb2 = pb.clone();
+    let watcher = tokio::spawn(async move {
+        while let Some(p) = progress.next().await {
+            pb2.set_position(p.bytes);
+        }
+    });
+    let r = upload.await;
+    watcher.abort();
+    pb.finish_and_clear();
+    Ok(r?)
+}
+
+async fn download(node: &CodexNode, cid: &Cid, out: &Path) -> Res<u64> {
+    let mut dl = node.download(cid).await?;
+    let pb = bar(dl.manifest().dataset_size, "download");
+    let mut f = tokio::fs::File::create(out)
+        .await
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    while let Some(chunk) = dl.next().await {
+        let chunk = chunk?;
+        f.write_all(&chunk).await?;
+        pb.inc(chunk.len() as u64);
+    }
+    f.sync_all().await?;
+    pb.finish_and_clear();
+    Ok(dl.received())
+}
+
+/// Generates, uploads, downloads and checks a file in a temporary data-dir.
+async fn demo(size_mib: u64, quota: Option<u64>) -> Res<()> {
+    let tmp = tempfile::tempdir()?;
+    let size = size_mib << 20;
+    let node = open(
+        &tmp.path().join("node"),
+        Some(quota.unwrap_or(size * 2 + (64 << 20))),
+    )
+    .await?;
+    println!("node {} in {}", node.peer_id().await?, node.repo().await?);
+
+    let input = tmp.path().join("input.bin");
+    let digest = generate(&input, size)?;
+    println!("generated {size_mib} MiB of pseudo-random data");
+
+    let t = Instant::now();
+    let cid = upload(&node, &input, codex::DEFAULT_BLOCK_SIZE).await?;
+    let up = t.elapsed();
+    println!("uploaded   {cid}  {}", rate(size, up));
+
+    let m = node.manifest(&cid).await?;
+    println!(
+        "manifest   tree {}  {} bytes in {}-byte blocks, file name {:?}",
+        m.tree_cid,
+        m.dataset_size,
+        m.block_size,
+        m.filename.unwrap_or_default()
+    );
+
+    let output = tmp.path().join("output.bin");
+    let t = Instant::now();
+    let n = download(&node, &cid, &output).await?;
+    let down = t.elapsed();
+    println!("downloaded {n} bytes  {}", rate(n, down));
+
+    let back = checksum(&output)?;
+    let space = node.space().await?;
+    println!(
+        "store      {} blocks, {} of {} bytes used",
+        space.total_blocks, space.quota_used_bytes, space.quota_max_bytes
+    );
+    node.destroy().await?;
+    if back != digest || n != size {
+        return Err("the downloaded file differs from the uploaded one".into());
+    }
+    println!("check      downloaded bytes identical to the uploaded file: ok");
+    Ok(())
+}
+
+fn rate(bytes: u64, t: Duration) -> String {
+    format!(
+        "{:.1} MB/s ({:.2} s)",
+        bytes as f64 / t.as_secs_f64().max(1e-9) / 1e6,
+        t.as_secs_f64()
+    )
+}
+
+/// Writes `size` pseudo-random bytes; returns a checksum of them.
+fn generate(path: &Path, size: u64) -> Res<u64> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut sum: u64 = 0;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for word in buf[..n].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
+        }
+        sum = fold(sum, &buf[..n]);
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()?;
+    Ok(sum)
+}
+
+fn checksum(path: &Path) -> Res<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut sum = 0;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(sum);
+        }
+        sum = fold(sum, &buf[..n]);
+    }
+}
+
+/// An order-sensitive checksum (FNV-1a over 8-byte words); enough to catch a wrong byte.
+fn fold(mut h: u64, data: &[u8]) -> u64 {
+    for w in data.chunks(8) {
+        let mut b = [0u8; 8];
+        b[..w.len()].copy_from_slice(w);
+        h = (h ^ u64::from_le_bytes(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// 20 GiB, or 90% of what the data-dir's filesystem has free when that is less.
+fn default_quota(dir: &Path) -> Res<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: a valid C path and a writable statvfs; initialised when the call returns 0.
+    let free = if unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) } == 0 {
+        // SAFETY: statvfs returned 0.
+        let st = unsafe { st.assume_init() };
+        #[allow(clippy::unnecessary_cast)] // the field types differ between platforms
+        let free = (st.f_bavail as u64).saturating_mul(st.f_frsize as u64);
+        free
+    } else {
+        u64::MAX
+    };
+    Ok((20u64 << 30).min(free / 10 * 9).max(1 << 20))
+}

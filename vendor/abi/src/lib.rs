@@ -1,7 +1,7 @@
 //! The libcodex C ABI (`libcodex.h`) over the Rust Codex node.
 //!
 //! Every function of the reference header is exported with the same name and signature.
-//! This layer only copies arguments out of C memory, checks them, and hands a [`Request`]
+//! This layer only copies arguments out of C memory, checks them, and hands a `Request`
 //! to the context's dispatcher (`context.rs`), which turns it into node calls and the
 //! results into callbacks.
 //!
@@ -206,7 +206,7 @@ with_text! {
     codex_peer_debug(peer_id) => Request::PeerDebug;
     /// Completes an upload session; answers the dataset CID.
     codex_upload_finalize(session_id) => Request::UploadFinalize;
-    /// Abandons an upload session.
+    /// Abandons an upload session, also while a chunk or `upload_file` of it is running.
     codex_upload_cancel(session_id) => Request::UploadCancel;
     /// Uploads the file named by the session's (absolute) path.
     codex_upload_file(session_id) => Request::UploadFile;

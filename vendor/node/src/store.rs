@@ -304,7 +304,7 @@ impl Store {
             .map_err(io_err(format!("creating {}", path.display())))?;
         Ok(DatasetWriter {
             store: Arc::clone(self),
-            file: Some(file),
+            io: Some(BlockWriter::spawn(file)?),
             path,
             block_size,
             buf: Vec::with_capacity(block_size),
@@ -892,7 +892,7 @@ fn punch_hole(file: &File, offset: u64, len: u64) -> std::io::Result<()> {
 #[derive(Debug)]
 pub struct DatasetWriter {
     store: Arc<Store>,
-    file: Option<File>,
+    io: Option<BlockWriter>,
     path: PathBuf,
     block_size: usize,
     buf: Vec<u8>,
@@ -965,13 +965,12 @@ impl DatasetWriter {
                 self.reserved += self.block_size as u64;
             }
         }
-        let file = self
-            .file
-            .as_ref()
+        let io = self
+            .io
+            .as_mut()
             .ok_or(Error::State("upload already finished".into()))?;
         let offset = self.leaves.len() as u64 * self.block_size as u64;
-        file.write_all_at(block, offset)
-            .map_err(io_err("writing block"))?;
+        io.write(offset, block.to_vec())?;
         self.leaves.push(digest);
         Ok(())
     }
@@ -1005,8 +1004,8 @@ impl DatasetWriter {
         let mbytes = manifest.encode().len() as u64;
         self.store.reserve(mbytes)?;
         self.reserved += mbytes;
-        if let Some(file) = self.file.take() {
-            drop(file);
+        if let Some(io) = self.io.take() {
+            io.finish()?;
         }
         let cid = self
             .store
@@ -1017,10 +1016,127 @@ impl DatasetWriter {
 
 impl Drop for DatasetWriter {
     fn drop(&mut self) {
+        if let Some(io) = self.io.take() {
+            let _ = io.finish();
+        }
         self.store.release(self.reserved);
         // After a successful finish the file was renamed away and this fails harmlessly.
         let _ = fs::remove_file(&self.path);
     }
+}
+
+/// Writes an upload's blocks on a thread of its own, so hashing (in the caller) and writing
+/// proceed in parallel. At most `WRITE_QUEUE` blocks wait in between.
+#[derive(Debug)]
+struct BlockWriter {
+    tx: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+}
+
+/// Blocks queued between hashing and writing.
+const WRITE_QUEUE: usize = 16;
+
+impl BlockWriter {
+    fn spawn(file: File) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
+        let thread = std::thread::Builder::new()
+            .name("codex-upload-io".into())
+            .spawn(move || {
+                // Blocks arrive in order: write what is queued in one vectored call.
+                let mut batch: Vec<Vec<u8>> = Vec::with_capacity(WRITE_QUEUE);
+                while let Ok((offset, first)) = rx.recv() {
+                    batch.push(first);
+                    while batch.len() < WRITE_QUEUE {
+                        match rx.try_recv() {
+                            Ok((_, block)) => batch.push(block),
+                            Err(_) => break,
+                        }
+                    }
+                    write_all_vectored_at(&file, &batch, offset)?;
+                    batch.clear();
+                }
+                Ok(())
+            })
+            .map_err(io_err("starting an upload writer thread"))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    fn write(&mut self, offset: u64, block: Vec<u8>) -> Result<()> {
+        let sent = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send((offset, block)).is_ok());
+        if sent {
+            Ok(())
+        } else {
+            // The thread stopped: it failed. Its error says why.
+            self.join()
+                .and(Err(Error::State("the upload writer stopped".into())))
+        }
+    }
+
+    fn join(&mut self) -> Result<()> {
+        self.tx.take();
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            None | Some(Ok(Ok(()))) => Ok(()),
+            Some(Ok(Err(e))) => Err(Error::io("writing block", e)),
+            Some(Err(_)) => Err(Error::State("the upload writer panicked".into())),
+        }
+    }
+
+    /// Waits until every queued block is written.
+    fn finish(mut self) -> Result<()> {
+        self.join()
+    }
+}
+
+/// Writes `blocks` back to back at `offset` with `pwritev`, retrying short writes.
+fn write_all_vectored_at(file: &File, blocks: &[Vec<u8>], mut offset: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut bufs: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+    while !bufs.is_empty() {
+        let iov: Vec<libc::iovec> = bufs
+            .iter()
+            .map(|b| libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            })
+            .collect();
+        // SAFETY: every iovec points into a live slice of `blocks` for the length given.
+        let n = unsafe {
+            libc::pwritev(
+                file.as_raw_fd(),
+                iov.as_ptr(),
+                iov.len() as libc::c_int,
+                offset as libc::off_t,
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        offset += n as u64;
+        let mut written = n as usize;
+        while let Some(first) = bufs.first_mut() {
+            if written >= first.len() {
+                written -= first.len();
+                bufs.remove(0);
+            } else {
+                *first = &first[written..];
+                break;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Sequential reader of a stored dataset, verifying every block.

@@ -167,11 +167,19 @@ impl Context {
     /// Ends everything: no callback runs once this returns.
     pub(crate) fn destroy(&self) {
         self.gate.close();
-        lock(&self.uploads).clear();
+        self.end_sessions();
+        self.node.shutdown(Duration::from_secs(5));
+    }
+
+    /// Ends every upload and download session, cancelling the running ones: a running
+    /// `upload_file` fails at its next block, a running stream ends (RET_OK, truncated).
+    fn end_sessions(&self) {
+        for (_, slot) in lock(&self.uploads).drain() {
+            slot.cancel.cancel();
+        }
         for (_, slot) in lock(&self.downloads).drain() {
             slot.cancel.cancel();
         }
-        self.node.shutdown(Duration::from_secs(5));
     }
 
     /// Accepts a request: either answers RET_ERR now (and returns RET_ERR) or hands it to
@@ -221,9 +229,14 @@ impl Context {
             Request::Stop => self.answer(reply, |n| async move {
                 n.stop().map(|()| "").map_err(|e| e.to_string())
             }),
-            Request::Close => self.answer(reply, |n| async move {
-                n.close().map(|()| "").map_err(|e| e.to_string())
-            }),
+            Request::Close => {
+                // Open sessions hold the store: end them first, so that closing releases it
+                // and no later request of theirs reaches it.
+                self.end_sessions();
+                self.answer(reply, |n| async move {
+                    n.close().await.map(|()| "").map_err(|e| e.to_string())
+                });
+            }
             Request::Repo => self.answer(reply, |n| async move {
                 Ok(n.repo().to_string_lossy().into_owned())
             }),
@@ -310,7 +323,11 @@ impl Context {
                 });
             }
             Request::UploadCancel(session) => {
-                let slot = sync_try!(take_upload(&self.uploads, &session));
+                // Busy or not: a running upload_file stops at its next block (and answers
+                // RET_ERR), a running chunk finds its session gone and drops the upload.
+                let Some(slot) = lock(&self.uploads).remove(&session) else {
+                    return Err((reply, format!("no upload session {session:?}")));
+                };
                 slot.cancel.cancel();
                 drop(slot);
                 self.answer(reply, |_| async move { Ok("") });

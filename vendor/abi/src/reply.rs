@@ -41,10 +41,13 @@ pub(crate) unsafe fn invoke(
     ptr: *const c_char,
     len: usize,
 ) {
-    IN_CALLBACK.with(|f| f.set(true));
+    // Restored, not cleared, afterwards: a callback may be invoked from inside another
+    // (`codex_version`, or a refused call from inside a callback answering RET_ERR), and
+    // the outer one must stay marked.
+    let outer = IN_CALLBACK.with(|f| f.replace(true));
     // SAFETY: guaranteed by the caller, as documented above.
     let r = catch_unwind(AssertUnwindSafe(|| unsafe { cb(code, ptr, len, ud) }));
-    IN_CALLBACK.with(|f| f.set(false));
+    IN_CALLBACK.with(|f| f.set(outer));
     if r.is_err() {
         tracing::error!("a libcodex callback panicked; ignored");
     }
@@ -162,5 +165,38 @@ impl Drop for Reply {
                 b"request abandoned: the node shut down or failed internally",
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    unsafe extern "C" fn ignore(_: c_int, _: *const c_char, _: usize, _: *mut c_void) {}
+
+    /// Invokes a nested callback, then records whether it is still marked as inside one.
+    unsafe extern "C" fn nest(_: c_int, _: *const c_char, _: usize, ud: *mut c_void) {
+        // SAFETY: `ignore` accepts anything.
+        unsafe { invoke_msg(ignore, std::ptr::null_mut(), RET_OK, b"inner") };
+        // SAFETY: the test passes a `Cell<Option<bool>>` that outlives the call.
+        let seen = unsafe { &*ud.cast::<Cell<Option<bool>>>() };
+        seen.set(Some(in_callback()));
+    }
+
+    #[test]
+    fn a_nested_callback_leaves_the_outer_one_marked() {
+        let seen = Cell::new(None);
+        assert!(!in_callback());
+        // SAFETY: `nest` gets a pointer to `seen`, alive for the whole call.
+        unsafe {
+            invoke_msg(
+                nest,
+                std::ptr::from_ref(&seen).cast_mut().cast(),
+                RET_OK,
+                b"x",
+            )
+        };
+        assert_eq!(seen.get(), Some(true), "re-entry would go undetected");
+        assert!(!in_callback());
     }
 }

@@ -165,17 +165,6 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Node {
     /// Creates a node: starts its runtime, opens its store and loads (or creates) its key.
     pub fn new(config: NodeConfig) -> Result<Self> {
-        let workers = match config.num_threads {
-            0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
-            n => n,
-        };
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .max_blocking_threads(64)
-            .thread_name("codex-node")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("starting the node's runtime", e))?;
         std::fs::create_dir_all(&config.data_dir).map_err(|e| {
             Error::io(
                 format!("creating data-dir {}", config.data_dir.display()),
@@ -189,6 +178,18 @@ impl Node {
         })?;
         let key = crate::key::load_or_create(&config.key_path())?;
         let peer_id = PeerId::from(key.public());
+        // Built last: nothing after it can fail, so it is never dropped half-used.
+        let workers = match config.num_threads {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            n => n,
+        };
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .max_blocking_threads(64)
+            .thread_name("codex-node")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("starting the node's runtime", e))?;
         let (events, _) = broadcast::channel(EVENT_BACKLOG);
         tracing::info!(%peer_id, data_dir = %config.data_dir.display(), "node created");
         let handle = runtime.handle().clone();
@@ -298,17 +299,27 @@ impl Node {
         Ok(())
     }
 
-    /// Closes the node: releases the store (and the data-dir lock). Stops it first if needed.
-    pub fn close(&self) -> Result<()> {
+    /// Closes the node: releases the store and the data-dir lock (waiting up to 5 s for work
+    /// that still holds them), so a new node can open the same data-dir once this returns.
+    /// Stops the node first if needed.
+    pub async fn close(&self) -> Result<()> {
         if self.state() == State::Started {
             self.stop()?;
         }
-        let mut state = lock(&self.inner.state);
-        if *state == State::Closed {
-            return Err(Error::State("the node is already closed".into()));
+        {
+            let mut state = lock(&self.inner.state);
+            if *state == State::Closed {
+                return Err(Error::State("the node is already closed".into()));
+            }
+            *state = State::Closed;
         }
-        *state = State::Closed;
-        lock(&self.inner.store).take();
+        let store = lock(&self.inner.store).take();
+        if let Some(store) = store {
+            self.handle
+                .spawn(release(store))
+                .await
+                .map_err(|e| Error::State(format!("closing the store: {e}")))?;
+        }
         Ok(())
     }
 
@@ -501,6 +512,24 @@ impl Node {
     }
 }
 
+/// Drops the last handle of the store, waiting (bounded) for tasks that still hold it.
+async fn release(mut store: Arc<Store>) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(store) {
+            Ok(s) => return drop(s),
+            Err(still_shared) if tokio::time::Instant::now() < deadline => {
+                store = still_shared;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(_) => {
+                tracing::warn!("store still in use 5 s after close; it is released when that ends");
+                return;
+            }
+        }
+    }
+}
+
 /// Periodically deletes expired blocks.
 async fn maintenance(
     store: Arc<Store>,
@@ -658,7 +687,7 @@ mod tests {
         assert!(node.start().is_err());
         node.stop().unwrap();
         node.start().unwrap();
-        node.close().unwrap();
+        node.close().await.unwrap();
         assert!(node.start().is_err());
         assert!(node.space().await.is_err());
         drop(node);

@@ -1,0 +1,70 @@
+//! Shared helpers of the benchmarks: data generation, memory and baseline measurements.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+/// Dataset size in MiB: `CODEX_BENCH_MIB`, default 1024.
+pub fn dataset_mib() -> u64 {
+    std::env::var("CODEX_BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time.
+pub fn generate(path: &Path, size: u64) -> std::io::Result<()> {
+    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        for w in buf[..n].chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes()[..w.len()]);
+        }
+        f.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    f.flush()
+}
+
+/// This machine's single-core SHA-256 rate over 64 KiB blocks, in bytes per second.
+pub fn sha256_rate() -> f64 {
+    let block = vec![0x5au8; 65536];
+    let mut n = 0u64;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(500) {
+        for _ in 0..64 {
+            std::hint::black_box(Sha256::digest(&block));
+        }
+        n += 64;
+    }
+    (n * 65536) as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Peak resident memory of this process in bytes (`VmHWM`).
+pub fn peak_rss() -> u64 {
+    status_kib("VmHWM:") * 1024
+}
+
+/// Resets the peak resident memory to the current one (Linux `clear_refs` 5).
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn status_kib(key: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}

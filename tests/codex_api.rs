@@ -354,3 +354,39 @@ async fn events_lifecycle_and_destroy() {
     // Dropping the last handle tears the node down in the background.
     drop(node);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_blocks_are_deleted_by_maintenance() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CodexConfig::builder()
+        .data_dir(dir.path())
+        .storage_quota(QUOTA)
+        .block_ttl(Some(Duration::from_secs(1)))
+        .block_maintenance_interval(Duration::from_millis(100))
+        .build()
+        .unwrap();
+    let node = CodexNode::new(cfg).await.unwrap();
+    let mut events = node.events();
+    node.start().await.unwrap();
+    let cid = node
+        .upload()
+        .bytes(pseudo_random(200_000, 4))
+        .await
+        .unwrap();
+    assert!(node.exists(&cid).await.unwrap());
+    let expired = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let e = events.next().await.unwrap();
+            if e.kind == "blocksExpired" {
+                return e;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(expired.json["count"].as_u64().unwrap() >= 1);
+    assert!(!node.exists(&cid).await.unwrap());
+    assert!(node.list().await.unwrap().is_empty());
+    assert_eq!(node.space().await.unwrap().quota_used_bytes, 0);
+    node.destroy().await.unwrap();
+}

@@ -288,15 +288,10 @@ impl Dispatcher {
     /// Tears the node down on the dispatcher thread: unregisters events, stops and closes
     /// the node (waiting up to `wait` for each), destroys it, fails every request still
     /// pending, and ends the thread. `done` fires when all that is over.
-    pub(crate) fn teardown(
-        &self,
-        stop: bool,
-        close: bool,
-        wait: std::time::Duration,
-        done: Option<oneshot::Sender<()>>,
-    ) {
+    pub(crate) fn teardown(&self, wait: std::time::Duration, done: Option<oneshot::Sender<()>>) {
         let node = self.node;
         let job: Job = Box::new(move |slot| {
+            let mut destroyed = true;
             if let Some(ctx) = slot.take() {
                 let p = ctx.ptr();
                 // SAFETY: `p` is the live handle; NULL callback unregisters.
@@ -334,22 +329,25 @@ impl Dispatcher {
                     }
                     tracing::warn!("libcodex did not answer during teardown; going on");
                 };
-                if stop {
-                    // SAFETY: live handle, registered callback and id.
-                    sync_call(&|c| unsafe { sys::codex_stop(c.ctx, c.cb, c.ud) });
-                }
-                if close {
-                    // SAFETY: as above.
-                    sync_call(&|c| unsafe { sys::codex_close(c.ctx, c.cb, c.ud) });
-                }
-                // SAFETY: live handle; destroy never calls the callback.
-                let rc = unsafe { sys::codex_destroy(p, None, std::ptr::null_mut()) };
-                if rc != sys::RET_OK {
-                    tracing::warn!(rc, "codex_destroy failed");
+                // Always try to stop (a start may have been requested by a dropped future);
+                // a node that is not started just answers an error.
+                // SAFETY: live handle, registered callback and id.
+                sync_call(&|c| unsafe { sys::codex_stop(c.ctx, c.cb, c.ud) });
+                // SAFETY: as above.
+                sync_call(&|c| unsafe { sys::codex_close(c.ctx, c.cb, c.ud) });
+                // The reference refuses a NULL callback (RET_MISSING_CALLBACK) even here,
+                // where it never calls it: pass the trampoline with user data 0, which no
+                // request uses (ids start at 1), so a stray call would be ignored.
+                // SAFETY: live handle; the trampoline ignores unknown ids.
+                let rc = unsafe { sys::codex_destroy(p, Some(trampoline), std::ptr::null_mut()) };
+                destroyed = rc == sys::RET_OK;
+                if !destroyed {
+                    tracing::warn!(rc, "codex_destroy failed; the library may still run");
                 }
             }
-            // Nothing will answer the requests still pending now: fail them (and free what
-            // they kept alive, which the library can no longer read).
+            // Nothing will answer the requests still pending now: fail them. What they kept
+            // alive is freed only if the library is really gone; otherwise it may still read
+            // it, so it is leaked on purpose.
             let orphans: Vec<Pending> = {
                 let mut table = pending();
                 let ids: Vec<u64> = table
@@ -360,7 +358,13 @@ impl Dispatcher {
                 ids.into_iter().filter_map(|id| table.remove(&id)).collect()
             };
             for p in orphans {
-                let _ = p.done.send(Err(DESTROYED.to_owned()));
+                let Pending {
+                    done, _keep: keep, ..
+                } = p;
+                let _ = done.send(Err(DESTROYED.to_owned()));
+                if !destroyed {
+                    std::mem::forget(keep);
+                }
             }
             EVENT_SINKS
                 .lock()

@@ -24,7 +24,6 @@ pub(crate) struct Inner {
     pub(crate) dispatcher: Dispatcher,
     /// Download sessions are keyed by CID in the library: one at a time per CID.
     downloads: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    started: Mutex<bool>,
 }
 
 impl Inner {
@@ -52,8 +51,7 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // Best effort and non-blocking: the dispatcher thread tears the node down by itself.
         if !self.dispatcher.is_closed() {
-            let started = *self.started.lock().unwrap_or_else(|p| p.into_inner());
-            self.dispatcher.teardown(started, true, TEARDOWN_WAIT, None);
+            self.dispatcher.teardown(TEARDOWN_WAIT, None);
         }
     }
 }
@@ -114,7 +112,6 @@ impl CodexNode {
         let inner = Arc::new(Inner {
             dispatcher,
             downloads: Mutex::new(HashMap::new()),
-            started: Mutex::new(false),
         });
         answer(rx).await?;
         Ok(Self { inner })
@@ -135,16 +132,12 @@ impl CodexNode {
     /// # Cancel safety
     /// The start goes on if the future is dropped.
     pub async fn start(&self) -> Result<()> {
-        plain!(self.inner, sys::codex_start).await?;
-        *self.inner.started.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        Ok(())
+        plain!(self.inner, sys::codex_start).await.map(drop)
     }
 
     /// Stops the node. The reference library cannot be started again after a stop.
     pub async fn stop(&self) -> Result<()> {
-        plain!(self.inner, sys::codex_stop).await?;
-        *self.inner.started.lock().unwrap_or_else(|p| p.into_inner()) = false;
-        Ok(())
+        plain!(self.inner, sys::codex_stop).await.map(drop)
     }
 
     /// Closes the node (releases its store); only destruction remains after it.
@@ -159,11 +152,8 @@ impl CodexNode {
         if self.inner.dispatcher.is_closed() {
             return Ok(());
         }
-        let started = *self.inner.started.lock().unwrap_or_else(|p| p.into_inner());
         let (tx, rx) = oneshot::channel();
-        self.inner
-            .dispatcher
-            .teardown(started, true, TEARDOWN_WAIT, Some(tx));
+        self.inner.dispatcher.teardown(TEARDOWN_WAIT, Some(tx));
         rx.await.map_err(|_| Error::Destroyed)
     }
 

@@ -329,50 +329,71 @@ impl Store {
         let mbytes = manifest.encode();
         let mcid = Cid::hash_of(CidKind::Manifest, &mbytes);
         let final_path = self.tree_path(&tree_cid);
-        fs::rename(tmp, &final_path).map_err(io_err(format!("moving {}", tmp.display())))?;
-
         let expiry = self.expiry();
+
+        // The whole commit holds the metadata lock, file moves included, so a concurrent
+        // delete of the same tree cannot unlink a file this commit has just registered.
         let mut db = lock(&self.db);
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut added: u64 = 0;
-        let tree_id: i64 = match tx
+        let existing: Option<(i64, i64)> = tx
             .query_row(
-                "SELECT id FROM trees WHERE cid = ?1",
+                "SELECT id, missing FROM trees WHERE cid = ?1",
                 [tree_cid.to_bytes()],
-                |r| r.get(0),
+                |r| Ok((r.get(0)?, r.get(1)?)),
             )
-            .optional()?
-        {
-            Some(id) => id,
+            .optional()?;
+        // A new tree, or one that lost blocks, takes the complete file just written (moved in
+        // before the metadata commits: a crash in between leaves an orphan file that the next
+        // open removes). A complete tree keeps its file.
+        if existing.is_none_or(|(_, missing)| missing > 0) {
+            fs::rename(tmp, &final_path).map_err(io_err(format!("moving {}", tmp.display())))?;
+            self.forget_tree(&tree_cid);
+        }
+        let mut added: u64 = 0;
+        let tree_id = match existing {
+            Some((id, _)) => id,
             None => {
-                let leaves: Vec<u8> = tree.leaves().concat();
                 tx.execute(
                     "INSERT INTO trees (cid, block_size, leaves, refs) VALUES (?1, ?2, ?3, 0)",
-                    params![tree_cid.to_bytes(), block_size as i64, leaves],
+                    params![
+                        tree_cid.to_bytes(),
+                        block_size as i64,
+                        tree.leaves().concat()
+                    ],
                 )?;
-                let id = tx.last_insert_rowid();
-                let mut insert = tx.prepare_cached(
-                    "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
-                     VALUES (?1, ?2, ?3, 1, ?4, ?5)",
-                )?;
-                let mut bump = tx.prepare_cached(
-                    "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
-                )?;
-                let mut distinct = HashSet::with_capacity(tree.leaves().len());
-                for (i, leaf) in tree.leaves().iter().enumerate() {
-                    if !distinct.insert(*leaf) {
-                        continue;
-                    }
-                    let cid = Cid::from_digest(CidKind::Block, *leaf).to_bytes();
-                    if insert.execute(params![cid, block_size as i64, expiry, id, i as i64])? == 1 {
-                        added += block_size;
-                    } else {
-                        bump.execute(params![cid, expiry])?;
-                    }
-                }
-                id
+                tx.last_insert_rowid()
             }
         };
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+            )?;
+            // A new tree adds a reference to the blocks it shares; an existing one only
+            // extends their lifetime (and re-registers blocks it had lost).
+            let bump = if existing.is_none() {
+                "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1"
+            } else {
+                "UPDATE blocks SET expiry = MAX(expiry, ?2) WHERE cid = ?1"
+            };
+            let mut bump = tx.prepare_cached(bump)?;
+            let mut distinct = HashSet::with_capacity(tree.leaves().len());
+            for (i, leaf) in tree.leaves().iter().enumerate() {
+                if !distinct.insert(*leaf) {
+                    continue;
+                }
+                let cid = Cid::from_digest(CidKind::Block, *leaf).to_bytes();
+                if insert.execute(params![cid, block_size as i64, expiry, tree_id, i as i64])? == 1
+                {
+                    added += block_size;
+                } else {
+                    bump.execute(params![cid, expiry])?;
+                }
+            }
+        }
+        if existing.is_some_and(|(_, missing)| missing > 0) {
+            tx.execute("UPDATE trees SET missing = 0 WHERE id = ?1", [tree_id])?;
+        }
         let new_manifest = tx.execute(
             "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, data) VALUES (?1, ?2, ?3, 1, ?4)",
             params![mcid.to_bytes(), mbytes.len() as i64, expiry, mbytes],
@@ -385,15 +406,17 @@ impl Store {
             )?;
             tx.execute("UPDATE trees SET refs = refs + 1 WHERE id = ?1", [tree_id])?;
         } else {
-            // The same dataset again: refresh its lifetime.
+            // The same dataset again: its manifest lives as long as its blocks.
             tx.execute(
-                "UPDATE blocks SET expiry = MAX(expiry, ?2)
-                 WHERE cid = ?1 OR tree_id = ?3",
-                params![mcid.to_bytes(), expiry, tree_id],
+                "UPDATE blocks SET expiry = MAX(expiry, ?2) WHERE cid = ?1",
+                params![mcid.to_bytes(), expiry],
             )?;
         }
         tx.commit()?;
         self.used.fetch_add(added, Ordering::SeqCst);
+        drop(db);
+        // Kept the existing file: the one just written is not needed.
+        let _ = fs::remove_file(tmp);
         Ok(mcid)
     }
 
@@ -581,20 +604,24 @@ impl Store {
     /// share are kept). Deleting what is not stored succeeds.
     pub fn delete(&self, cid: &Cid) -> Result<()> {
         match cid.kind() {
-            CidKind::Manifest => self.delete_dataset(cid),
-            CidKind::Block => self.delete_block(cid),
+            CidKind::Manifest => self.delete_dataset(cid, None),
+            CidKind::Block => self.delete_block(cid, None),
             CidKind::Tree => Err(Error::Invalid(format!(
                 "{cid} is a tree CID: delete the dataset by its manifest CID"
             ))),
         }
     }
 
-    fn delete_dataset(&self, mcid: &Cid) -> Result<()> {
-        let mut remove_file = None;
+    /// Deletes a dataset; with `expired_at`, only if its manifest is still expired then
+    /// (maintenance must not delete what an upload refreshed meanwhile).
+    fn delete_dataset(&self, mcid: &Cid, expired_at: Option<i64>) -> Result<()> {
         let mut freed: u64 = 0;
         {
             let mut db = lock(&self.db);
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !still_expired(&tx, mcid, expired_at)? {
+                return Ok(());
+            }
             let row: Option<(i64, i64)> = tx
                 .query_row(
                     "SELECT m.tree_id, b.size FROM manifests m JOIN blocks b ON b.cid = m.cid
@@ -626,30 +653,36 @@ impl Store {
                 )?;
                 freed += release_tree(&tx, tree_id, &leaves)?;
                 tx.execute("DELETE FROM trees WHERE id = ?1", [tree_id])?;
-                remove_file = Some(Cid::from_bytes(&tree_cid)?);
+                tx.commit()?;
+                // Still under the metadata lock: no commit of the same tree can slip in
+                // between and have its new file unlinked. A crash before the unlink leaves
+                // an orphan file that the next open removes.
+                let tree = Cid::from_bytes(&tree_cid)?;
+                self.forget_tree(&tree);
+                let path = self.tree_path(&tree);
+                if let Err(e) = fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), error = %e, "could not remove data file");
+                }
+            } else {
+                tx.commit()?;
             }
-            tx.commit()?;
         }
         self.used.fetch_sub(freed, Ordering::SeqCst);
-        if let Some(tree) = remove_file {
-            self.forget_tree(&tree);
-            let path = self.tree_path(&tree);
-            if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "could not remove data file");
-            }
-        }
         Ok(())
     }
 
     /// Deletes one data block: its row goes, its bytes are zeroed in every tree holding it,
     /// and those trees count it missing.
-    fn delete_block(&self, cid: &Cid) -> Result<()> {
+    fn delete_block(&self, cid: &Cid, expired_at: Option<i64>) -> Result<()> {
         let digest = cid.digest();
         let mut holes: Vec<(Cid, u64, u64)> = Vec::new();
         let freed;
         {
             let mut db = lock(&self.db);
             let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !still_expired(&tx, cid, expired_at)? {
+                return Ok(());
+            }
             freed = delete_rows(&tx, &[cid.to_bytes()])?;
             if freed > 0 {
                 for (tree_id, tree_cid, block_size, indices) in trees_containing(&tx, &digest)? {
@@ -696,13 +729,37 @@ impl Store {
             let rows = stmt.query_map(params![now_secs(), max as i64], |r| r.get(0))?;
             rows.collect::<rusqlite::Result<_>>()?
         };
+        let now = now_secs();
         for cid in &expired {
             let cid = Cid::from_bytes(cid)?;
             tracing::debug!(%cid, "block expired");
-            self.delete(&cid)?;
+            match cid.kind() {
+                CidKind::Manifest => self.delete_dataset(&cid, Some(now))?,
+                _ => self.delete_block(&cid, Some(now))?,
+            }
         }
         Ok(expired.len())
     }
+}
+
+/// Whether a deletion may go ahead: always without `expired_at`; with it, only if the block
+/// is still expired at that time.
+fn still_expired(
+    tx: &rusqlite::Transaction<'_>,
+    cid: &Cid,
+    expired_at: Option<i64>,
+) -> Result<bool> {
+    let Some(now) = expired_at else {
+        return Ok(true);
+    };
+    let expiry: Option<i64> = tx
+        .query_row(
+            "SELECT expiry FROM blocks WHERE cid = ?1",
+            [cid.to_bytes()],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(expiry.is_some_and(|e| e <= now))
 }
 
 /// Deletes block rows regardless of references; returns the bytes freed.
@@ -1360,6 +1417,54 @@ mod tests {
         assert!(!store.exists(&cid).unwrap());
         assert_eq!(store.space().unwrap().total_blocks, 0);
         assert_eq!(store.space().unwrap().quota_used_bytes, 0);
+    }
+
+    #[test]
+    fn uploading_existing_content_extends_its_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StoreConfig {
+            data_dir: dir.path().to_path_buf(),
+            quota: 1 << 30,
+            ttl: Some(Duration::from_secs(3600)),
+        };
+        let store = Arc::new(Store::open(&cfg).unwrap());
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 241) as u8).collect();
+        let upload_as = |name: &str| {
+            let mut w = store.writer(1024, Some(name.into()), None).unwrap();
+            w.write(&data).unwrap();
+            w.finish().unwrap().0
+        };
+        let a = upload_as("a");
+        // Time passes: everything stored so far is now expired.
+        lock(&store.db)
+            .execute("UPDATE blocks SET expiry = 1", [])
+            .unwrap();
+        let b = upload_as("b");
+        assert!(store.maintenance(1000).unwrap() >= 1);
+        assert!(!store.exists(&a).unwrap(), "the expired manifest goes");
+        assert!(
+            store.exists(&b).unwrap(),
+            "the blocks b shares were refreshed"
+        );
+        assert_eq!(read_all(&store, &b).unwrap(), data);
+    }
+
+    #[test]
+    fn uploading_again_repairs_a_dataset_that_lost_a_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let data: Vec<u8> = (0..4096u32).map(|i| (i * 3) as u8).collect();
+        let (cid, _) = upload(&store, &data, 1024).unwrap();
+        let used = store.space().unwrap().quota_used_bytes;
+        store
+            .delete(&Cid::hash_of(CidKind::Block, &data[1024..2048]))
+            .unwrap();
+        assert!(!store.exists(&cid).unwrap());
+        let (again, _) = upload(&store, &data, 1024).unwrap();
+        assert_eq!(again, cid);
+        assert!(store.exists(&cid).unwrap());
+        assert_eq!(read_all(&store, &cid).unwrap(), data);
+        assert_eq!(store.space().unwrap().quota_used_bytes, used);
     }
 
     #[test]

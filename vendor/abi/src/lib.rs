@@ -79,6 +79,9 @@ fn call(
     let Some(cb) = cb else {
         return RET_MISSING_CALLBACK;
     };
+    // Once a Reply exists it answers the request itself (a panic drops it, and its Drop
+    // answers RET_ERR): after that, a caught panic must not answer a second time.
+    let mut replied = false;
     let r = catch_unwind(AssertUnwindSafe(|| {
         if in_callback() {
             return fail(
@@ -95,11 +98,20 @@ fn call(
             );
         };
         match f() {
-            Ok(req) => context.dispatch(req, Reply::new(cb, ud, Arc::clone(&context.gate))),
+            Ok(req) => {
+                replied = true;
+                context.dispatch(req, Reply::new(cb, ud, Arc::clone(&context.gate)))
+            }
             Err(msg) => fail(cb, ud, &msg),
         }
     }));
-    r.unwrap_or_else(|_| fail(cb, ud, "internal error (panic) in libcodex"))
+    r.unwrap_or_else(|_| {
+        if replied {
+            RET_ERR
+        } else {
+            fail(cb, ud, "internal error (panic) in libcodex")
+        }
+    })
 }
 
 /// The reference's runtime initialiser; nothing to do here.

@@ -318,7 +318,7 @@ impl Node {
             self.handle
                 .spawn(release(store))
                 .await
-                .map_err(|e| Error::State(format!("closing the store: {e}")))?;
+                .map_err(|e| Error::State(format!("closing the store: {e}")))??;
         }
         Ok(())
     }
@@ -513,18 +513,26 @@ impl Node {
 }
 
 /// Drops the last handle of the store, waiting (bounded) for tasks that still hold it.
-async fn release(mut store: Arc<Store>) {
+/// Fails when the store is still in use after 5 s: it (and the data-dir lock) is then
+/// released only when that work ends.
+async fn release(mut store: Arc<Store>) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         match Arc::try_unwrap(store) {
-            Ok(s) => return drop(s),
+            Ok(s) => {
+                drop(s);
+                return Ok(());
+            }
             Err(still_shared) if tokio::time::Instant::now() < deadline => {
                 store = still_shared;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             Err(_) => {
-                tracing::warn!("store still in use 5 s after close; it is released when that ends");
-                return;
+                return Err(Error::State(
+                    "the store is still in use 5 s after close: the data-dir stays locked \
+                     until that work ends"
+                        .into(),
+                ))
             }
         }
     }

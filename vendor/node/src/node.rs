@@ -33,6 +33,9 @@ pub const REVISION: &str = match option_env!("CODEX_REVISION") {
 /// How many blocks a download reads ahead of its consumer.
 const READ_AHEAD: usize = 16;
 
+/// How many blocks one trip to the blocking pool reads at most.
+const READ_BATCH: usize = 8;
+
 /// How many events a slow subscriber may fall behind before it loses some.
 const EVENT_BACKLOG: usize = 1024;
 
@@ -418,12 +421,49 @@ impl Node {
         let mut reader = self.blocking(move |s| s.reader(&cid)).await?;
         let manifest = self.manifest(cid).await?;
         let (tx, rx) = mpsc::channel(READ_AHEAD);
-        self.handle().spawn_blocking(move || loop {
-            let item = reader.next_block().transpose();
-            let end = !matches!(item, Some(Ok(_)));
-            let Some(item) = item else { break };
-            if tx.blocking_send(item).is_err() || end {
-                break;
+        let handle = self.handle();
+        // Reads ahead while there is room, a batch per trip to the blocking pool: an idle
+        // consumer parks only this task, never a blocking thread.
+        self.handle().spawn(async move {
+            while let Ok(permit) = tx.reserve().await {
+                // This task is the only sender: the room seen now is still there below.
+                let batch = 1 + tx.capacity().min(READ_BATCH - 1);
+                let read = handle.spawn_blocking(move || {
+                    let mut items = Vec::with_capacity(batch);
+                    while items.len() < batch {
+                        match reader.next_block().transpose() {
+                            None => break,
+                            Some(item) => {
+                                let end = item.is_err();
+                                items.push(item);
+                                if end {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    (reader, items)
+                });
+                let (r, items) = match read.await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        permit.send(Err(Error::State(format!("read task failed: {e}"))));
+                        return;
+                    }
+                };
+                reader = r;
+                let done = items.len() < batch || items.last().is_some_and(Result::is_err);
+                let mut items = items.into_iter();
+                let Some(first) = items.next() else { return };
+                permit.send(first);
+                for item in items {
+                    if tx.try_send(item).is_err() {
+                        return;
+                    }
+                }
+                if done {
+                    return;
+                }
             }
         });
         Ok(Download { manifest, rx })
@@ -702,6 +742,28 @@ mod tests {
         // The data-dir is free again for a new node.
         let again = self::node(dir.path());
         assert_eq!(again.space().await.unwrap().total_blocks, 0);
+    }
+
+    #[tokio::test]
+    async fn idle_downloads_do_not_starve_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path());
+        let mut up = node.upload(None, 1024).unwrap();
+        up.write(Bytes::from(vec![7u8; 64 * 1024])).await.unwrap();
+        let cid = up.finish().await.unwrap();
+        // More open, unread downloads than the blocking pool has threads.
+        let mut open = Vec::new();
+        for _ in 0..80 {
+            open.push(node.download(cid, true).await.unwrap());
+        }
+        let space = tokio::time::timeout(Duration::from_secs(10), node.space()).await;
+        assert!(space.expect("the store still answers").is_ok());
+        let mut first = open.pop().unwrap();
+        let mut n = 0;
+        while let Some(b) = first.next_block().await.unwrap() {
+            n += b.len();
+        }
+        assert_eq!(n, 64 * 1024);
     }
 
     #[test]

@@ -88,7 +88,20 @@ impl DownloadBuilder {
         let inner = Arc::clone(&node.inner);
         let slot = inner.download_slot(&cid).await;
         let manifest = node.manifest(&cid).await?;
-        let c = cstring("cid", cid.as_str())?;
+        let (progress, _) = watch::channel(0);
+        // Built before the session opens: if this future is dropped while the library opens
+        // it, or opening fails, dropping `dl` cancels the session and frees the CID.
+        let mut dl = Download {
+            inner: Arc::clone(&inner),
+            cid,
+            manifest,
+            next: None,
+            received: 0,
+            progress,
+            slot: Some(slot),
+            done: false,
+        };
+        let c = cstring("cid", dl.cid.as_str())?;
         let p = c.as_ptr() as usize;
         inner
             .call(Box::new(c), move |call| {
@@ -105,17 +118,6 @@ impl DownloadBuilder {
                 }
             })
             .await?;
-        let (progress, _) = watch::channel(0);
-        let mut dl = Download {
-            inner,
-            cid,
-            manifest,
-            next: None,
-            received: 0,
-            progress,
-            slot: Some(slot),
-            done: false,
-        };
         dl.next = Some(dl.request()?);
         Ok(dl)
     }

@@ -172,21 +172,12 @@ impl Download {
     fn request(&self) -> Result<ChunkRequest> {
         let (tx, data) = mpsc::channel(1);
         let c = cstring("cid", self.cid.as_str())?;
-        let p = c.as_ptr() as usize;
-        let done = self
-            .inner
-            .dispatcher
-            .request(Progress::Data(tx), Box::new(c), move |call| {
-                // SAFETY: the CID string lives in the request's keep-alive.
-                unsafe {
-                    sys::codex_download_chunk(
-                        call.ctx,
-                        p as *const std::ffi::c_char,
-                        call.cb,
-                        call.ud,
-                    )
-                }
-            })?;
+        let done = self.inner.dispatcher.request_text(
+            sys::codex_download_chunk,
+            c,
+            Progress::Data(tx),
+            Box::new(()),
+        )?;
         Ok(ChunkRequest { done, data })
     }
 
@@ -198,21 +189,13 @@ impl Download {
             let Ok(c) = cstring("cid", self.cid.as_str()) else {
                 return;
             };
-            let p = c.as_ptr() as usize;
-            let _ =
-                self.inner
-                    .dispatcher
-                    .request(Progress::None, Box::new((c, slot)), move |call| {
-                        // SAFETY: the CID string lives in the request's keep-alive.
-                        unsafe {
-                            sys::codex_download_cancel(
-                                call.ctx,
-                                p as *const std::ffi::c_char,
-                                call.cb,
-                                call.ud,
-                            )
-                        }
-                    });
+            // The slot is released with the request, once the library has answered.
+            let _ = self.inner.dispatcher.request_text(
+                sys::codex_download_cancel,
+                c,
+                Progress::None,
+                Box::new(slot),
+            );
         }
     }
 

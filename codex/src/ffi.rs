@@ -140,6 +140,10 @@ impl Ctx {
 
 type Job = Box<dyn FnOnce(&mut Option<Ctx>) + Send>;
 
+/// The signature of the library's functions that take one string argument.
+pub(crate) type TextFn =
+    unsafe extern "C" fn(*mut c_void, *const c_char, sys::CodexCallback, *mut c_void) -> c_int;
+
 /// What a request needs to make its call: the node handle, the callback and its user data.
 pub(crate) struct Call {
     pub(crate) ctx: *mut c_void,
@@ -242,6 +246,23 @@ impl Dispatcher {
             return Err(e);
         }
         Ok(rx)
+    }
+
+    /// Calls a `(ctx, text, cb, ud)` function of the library with `arg`, which (with `keep`)
+    /// stays alive until the terminal callback.
+    pub(crate) fn request_text(
+        &self,
+        f: TextFn,
+        arg: CString,
+        progress: Progress,
+        keep: Box<dyn Any + Send>,
+    ) -> Result<oneshot::Receiver<Result<Vec<u8>, String>>> {
+        let p = arg.as_ptr() as usize;
+        self.request(progress, Box::new((arg, keep)), move |c| {
+            // SAFETY: `f` is a libcodex function of this signature; the string lives in the
+            // request's keep-alive; handle, callback and user data come from `request`.
+            unsafe { f(c.ctx, p as *const c_char, c.cb, c.ud) }
+        })
     }
 
     /// Creates the node on the dispatcher thread.

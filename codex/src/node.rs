@@ -14,7 +14,7 @@ use tokio_stream::StreamExt;
 
 use crate::config::CodexConfig;
 use crate::error::{Error, Result};
-use crate::ffi::{answer, cstring, Dispatcher, Progress};
+use crate::ffi::{answer, cstring, Dispatcher, Progress, TextFn};
 use crate::types::{Cid, DatasetInfo, DebugInfo, Event, Manifest, PeerInfo, Space};
 
 /// How long teardown waits for each of stop and close.
@@ -34,6 +34,15 @@ impl Inner {
         f: impl FnOnce(crate::ffi::Call) -> std::ffi::c_int + Send + 'static,
     ) -> Result<Vec<u8>> {
         answer(self.dispatcher.request(Progress::None, keep, f)?).await
+    }
+
+    /// Makes a request of a `(ctx, text, cb, ud)` function and returns its payload.
+    pub(crate) async fn call_text(&self, f: TextFn, arg: CString) -> Result<Vec<u8>> {
+        answer(
+            self.dispatcher
+                .request_text(f, arg, Progress::None, Box::new(()))?,
+        )
+        .await
     }
 
     /// Takes the download slot of `cid` (waits while another download of it runs).
@@ -85,19 +94,6 @@ macro_rules! plain {
         $inner.call(Box::new(()), |c| unsafe { $f(c.ctx, c.cb, c.ud) })
     };
 }
-
-/// Calls a `(ctx, text, cb, ud)` library function, keeping the string alive until the end.
-macro_rules! with_text {
-    ($inner:expr, $f:path, $s:expr) => {{
-        let s: ::std::ffi::CString = $s;
-        let p = s.as_ptr() as usize;
-        // SAFETY: `s` lives in the request's keep-alive until the terminal callback.
-        $inner.call(Box::new(s), move |c| unsafe {
-            $f(c.ctx, p as *const ::std::ffi::c_char, c.cb, c.ud)
-        })
-    }};
-}
-pub(crate) use with_text;
 
 impl CodexNode {
     /// Creates a node (`codex_new`).
@@ -179,13 +175,10 @@ impl CodexNode {
 
     /// Changes the log level (`codex_log_level`).
     pub async fn set_log_level(&self, level: &str) -> Result<()> {
-        with_text!(
-            self.inner,
-            sys::codex_log_level,
-            cstring("log-level", level)?
-        )
-        .await
-        .map(drop)
+        self.inner
+            .call_text(sys::codex_log_level, cstring("log-level", level)?)
+            .await
+            .map(drop)
     }
 
     /// Connects to a peer by ID, at the given addresses (none: find it by discovery).
@@ -219,23 +212,19 @@ impl CodexNode {
 
     /// What the node knows of a peer (`codex_peer_debug`).
     pub async fn peer_debug(&self, peer_id: &str) -> Result<PeerInfo> {
-        let v = with_text!(
-            self.inner,
-            sys::codex_peer_debug,
-            cstring("peer id", peer_id)?
-        )
-        .await?;
+        let v = self
+            .inner
+            .call_text(sys::codex_peer_debug, cstring("peer id", peer_id)?)
+            .await?;
         parse("peer_debug", &v)
     }
 
     /// A dataset's manifest (`codex_download_manifest`).
     pub async fn manifest(&self, cid: &Cid) -> Result<Manifest> {
-        let v = with_text!(
-            self.inner,
-            sys::codex_download_manifest,
-            cstring("cid", cid.as_str())?
-        )
-        .await?;
+        let v = self
+            .inner
+            .call_text(sys::codex_download_manifest, cstring("cid", cid.as_str())?)
+            .await?;
         parse("manifest", &v)
     }
 
@@ -256,12 +245,10 @@ impl CodexNode {
     /// CID answers true only when the whole dataset is local; the reference checks only the
     /// manifest block.
     pub async fn exists(&self, cid: &Cid) -> Result<bool> {
-        let v = with_text!(
-            self.inner,
-            sys::codex_storage_exists,
-            cstring("cid", cid.as_str())?
-        )
-        .await?;
+        let v = self
+            .inner
+            .call_text(sys::codex_storage_exists, cstring("cid", cid.as_str())?)
+            .await?;
         match v.as_slice() {
             b"true" => Ok(true),
             b"false" => Ok(false),
@@ -274,24 +261,19 @@ impl CodexNode {
 
     /// Deletes a dataset by its CID (`codex_storage_delete`).
     pub async fn delete(&self, cid: &Cid) -> Result<()> {
-        with_text!(
-            self.inner,
-            sys::codex_storage_delete,
-            cstring("cid", cid.as_str())?
-        )
-        .await
-        .map(drop)
+        self.inner
+            .call_text(sys::codex_storage_delete, cstring("cid", cid.as_str())?)
+            .await
+            .map(drop)
     }
 
     /// Starts making a dataset local in the background; answers its manifest
     /// (`codex_storage_fetch`). Completion is reported as an event.
     pub async fn fetch(&self, cid: &Cid) -> Result<Manifest> {
-        let v = with_text!(
-            self.inner,
-            sys::codex_storage_fetch,
-            cstring("cid", cid.as_str())?
-        )
-        .await?;
+        let v = self
+            .inner
+            .call_text(sys::codex_storage_fetch, cstring("cid", cid.as_str())?)
+            .await?;
         parse("fetch", &v)
     }
 

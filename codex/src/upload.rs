@@ -14,7 +14,7 @@ use tokio_stream::wrappers::WatchStream;
 
 use crate::error::{Error, Result};
 use crate::ffi::{answer, cstring, Progress};
-use crate::node::{with_text, CodexNode, Inner};
+use crate::node::{CodexNode, Inner};
 use crate::types::Cid;
 
 /// Default block size of a dataset.
@@ -157,16 +157,12 @@ impl Upload {
                 .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
             let session = Session::open(&inner, abs.to_string_lossy().as_ref(), block_size).await?;
             let id = cstring("session", &session.id)?;
-            let p = id.as_ptr() as usize;
-            let rx =
-                inner
-                    .dispatcher
-                    .request(Progress::Count(progress), Box::new(id), move |c| {
-                        // SAFETY: the session string lives in the request's keep-alive.
-                        unsafe {
-                            sys::codex_upload_file(c.ctx, p as *const std::ffi::c_char, c.cb, c.ud)
-                        }
-                    })?;
+            let rx = inner.dispatcher.request_text(
+                sys::codex_upload_file,
+                id,
+                Progress::Count(progress),
+                Box::new(()),
+            )?;
             let cid = answer(rx).await?;
             session.done();
             return text_cid(cid);
@@ -181,7 +177,7 @@ impl Upload {
             progress.send_replace(sent);
         }
         let id = cstring("session", &session.id)?;
-        let cid = with_text!(inner, sys::codex_upload_finalize, id).await?;
+        let cid = inner.call_text(sys::codex_upload_finalize, id).await?;
         session.done();
         text_cid(cid)
     }
@@ -269,15 +265,13 @@ impl Drop for Session {
         let Ok(id) = cstring("session", &self.id) else {
             return;
         };
-        let p = id.as_ptr() as usize;
         // Fire and forget: nobody waits for the answer.
-        let _ = self
-            .inner
-            .dispatcher
-            .request(Progress::None, Box::new(id), move |c| {
-                // SAFETY: the session string lives in the keep-alive.
-                unsafe { sys::codex_upload_cancel(c.ctx, p as *const std::ffi::c_char, c.cb, c.ud) }
-            });
+        let _ = self.inner.dispatcher.request_text(
+            sys::codex_upload_cancel,
+            id,
+            Progress::None,
+            Box::new(()),
+        );
     }
 }
 

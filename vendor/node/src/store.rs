@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::merkle::CodexTree;
+use crate::merkle::{CodexTree, Proof};
 
 /// Current schema version (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 1;
@@ -531,6 +531,17 @@ impl Store {
                 detail: "block has no data and no location".into(),
             }),
         }
+    }
+
+    /// Block `index` of a tree with its inclusion proof, as the block exchange serves it.
+    /// The block is verified against its leaf before it is returned.
+    pub fn leaf(&self, tree_cid: &Cid, index: u64) -> Result<(Bytes, Proof)> {
+        if tree_cid.kind() != CidKind::Tree {
+            return Err(Error::Invalid(format!("{tree_cid} is not a tree CID")));
+        }
+        let entry = self.open_tree(tree_cid)?;
+        let proof = entry.tree.proof(index)?;
+        Ok((self.read_leaf(tree_cid, &entry, index)?, proof))
     }
 
     /// The manifest of a dataset.
@@ -1293,6 +1304,23 @@ mod tests {
         assert_eq!(whole, pieces);
         assert_eq!(m.dataset_size, 10_000);
         assert_eq!(read_all(&store, &whole).unwrap(), data);
+    }
+
+    #[test]
+    fn serves_leaves_with_proofs_to_the_tree_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 1 << 30);
+        let data: Vec<u8> = (0..5000u32).map(|i| (i % 239) as u8).collect();
+        let (_, m) = upload(&store, &data, 1024).unwrap();
+        for i in 0..m.blocks() {
+            let (block, proof) = store.leaf(&m.tree_cid, i).unwrap();
+            let leaf: Digest32 = Sha256::digest(&block).into();
+            assert!(proof.verify(&leaf, &m.tree_cid.digest()), "block {i}");
+            assert_eq!(Proof::decode(&proof.encode()).unwrap(), proof);
+        }
+        assert!(store.leaf(&m.tree_cid, m.blocks()).is_err());
+        let missing = Cid::hash_of(CidKind::Tree, b"nothing");
+        assert!(matches!(store.leaf(&missing, 0), Err(Error::NotFound(_))));
     }
 
     #[test]

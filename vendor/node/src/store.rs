@@ -324,6 +324,7 @@ impl Store {
         tree: CodexTree,
         block_size: u64,
         manifest: &Manifest,
+        reserved: u64,
     ) -> Result<Cid> {
         let tree_cid = tree.cid();
         let mbytes = manifest.encode();
@@ -412,8 +413,30 @@ impl Store {
                 params![mcid.to_bytes(), expiry],
             )?;
         }
-        tx.commit()?;
+        // Blocks found stored while uploading may have been deleted since: anything beyond
+        // what the upload reserved must still fit, or the whole commit rolls back.
+        let extra = added.saturating_sub(reserved);
+        // On failure a new tree's file goes too (a rare database error elsewhere leaves it to
+        // the sweep at the next open).
+        let undo_move = || {
+            if existing.is_none() {
+                self.forget_tree(&tree_cid);
+                let _ = fs::remove_file(&final_path);
+            }
+        };
+        if extra > 0 {
+            if let Err(e) = self.reserve(extra) {
+                undo_move();
+                return Err(e);
+            }
+        }
+        if let Err(e) = tx.commit() {
+            self.release(extra);
+            undo_move();
+            return Err(e.into());
+        }
         self.used.fetch_add(added, Ordering::SeqCst);
+        self.release(extra);
         drop(db);
         // Kept the existing file: the one just written is not needed.
         let _ = fs::remove_file(tmp);
@@ -1075,9 +1098,13 @@ impl DatasetWriter {
         if let Some(io) = self.io.take() {
             io.finish()?;
         }
-        let cid = self
-            .store
-            .commit(&self.path, tree, self.block_size as u64, &manifest)?;
+        let cid = self.store.commit(
+            &self.path,
+            tree,
+            self.block_size as u64,
+            &manifest,
+            self.reserved,
+        )?;
         Ok((cid, manifest))
     }
 }
@@ -1358,6 +1385,28 @@ mod tests {
         assert_eq!(store.space().unwrap(), before);
         assert_eq!(read_all(&store, &small).unwrap(), vec![1u8; 1000]);
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn blocks_deleted_during_an_upload_still_count_against_the_quota() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), 4000);
+        let a: Vec<u8> = (0..3072u32).map(|i| (i % 251) as u8).collect();
+        let (ca, _) = upload(&store, &a, 1024).unwrap();
+        // This upload finds a's blocks stored, so it reserves nothing for them...
+        let mut w = store.writer(1024, None, None).unwrap();
+        w.write(&a).unwrap();
+        // ...but they are deleted, and the space taken by another dataset, before it ends.
+        store.delete(&ca).unwrap();
+        let b: Vec<u8> = (0..3072u32).map(|i| (i % 247) as u8 ^ 0x55).collect();
+        let (cb, _) = upload(&store, &b, 1024).unwrap();
+        let before = store.space().unwrap();
+        let err = w.finish().unwrap_err();
+        assert!(matches!(err, Error::Quota { .. }), "{err}");
+        assert_eq!(store.space().unwrap(), before);
+        assert!(!store.exists(&ca).unwrap());
+        assert_eq!(fs::read_dir(dir.path().join("blocks")).unwrap().count(), 1);
+        assert_eq!(read_all(&store, &cb).unwrap(), b);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! executor: disk work runs on the node's blocking pool, never on the caller's threads.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use crate::cid::Cid;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::store::{Dataset, DatasetWriter, Space, Store, StoreConfig};
+use crate::store::{lock, Dataset, DatasetWriter, Space, Store, StoreConfig};
 
 /// The version this node reports.
 pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"), "+1.0.0-prototype.1");
@@ -159,10 +159,6 @@ impl std::fmt::Debug for Node {
             .field("peer_id", &self.inner.peer_id)
             .finish_non_exhaustive()
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Node {
@@ -419,7 +415,7 @@ impl Node {
     /// can be read until the node has a network (`local` is ignored until then).
     pub async fn download(&self, cid: Cid, _local: bool) -> Result<Download> {
         let mut reader = self.blocking(move |s| s.reader(&cid)).await?;
-        let manifest = self.manifest(cid).await?;
+        let manifest = reader.manifest().clone();
         let (tx, rx) = mpsc::channel(READ_AHEAD);
         let handle = self.handle();
         // Reads ahead while there is room, a batch per trip to the blocking pool: an idle

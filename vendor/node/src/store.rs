@@ -13,7 +13,7 @@
 //! file is in place. At open, files in `tmp/` and data files no tree row names are removed, so
 //! a process killed mid-upload leaves every completed dataset intact and nothing half-written.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -131,7 +131,7 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
     move |e| Error::io(context, e)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding the lock cannot leave SQLite inconsistent (transactions roll
     // back on drop), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -593,6 +593,7 @@ impl Store {
             tree_cid: manifest.tree_cid,
             remaining: manifest.dataset_size,
             next: 0,
+            manifest,
         })
     }
 
@@ -745,9 +746,8 @@ impl Store {
         let Ok(file) = File::options().write(true).open(&path) else {
             return;
         };
-        let zeros = vec![0u8; block_size as usize];
         if let Err(e) = punch_hole(&file, index * block_size, block_size)
-            .or_else(|_| file.write_all_at(&zeros, index * block_size))
+            .or_else(|_| file.write_all_at(&vec![0u8; block_size as usize], index * block_size))
         {
             tracing::warn!(path = %path.display(), index, error = %e, "could not clear block");
         }
@@ -1242,9 +1242,15 @@ pub struct DatasetReader {
     tree_cid: Cid,
     remaining: u64,
     next: u64,
+    manifest: Manifest,
 }
 
 impl DatasetReader {
+    /// The dataset's manifest (read and verified when the reader was opened).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
     /// Bytes not yet returned.
     pub fn remaining(&self) -> u64 {
         self.remaining
@@ -1265,9 +1271,6 @@ impl DatasetReader {
         Ok(Some(block))
     }
 }
-
-/// Shared type for callers that keep per-CID state.
-pub type CidMap<V> = HashMap<Cid, V>;
 
 #[cfg(test)]
 mod tests {

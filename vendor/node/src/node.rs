@@ -373,11 +373,13 @@ impl Node {
                 use std::io::Read;
                 let mut f = std::fs::File::open(&path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-                let mut buf = vec![0u8; bs];
                 loop {
                     if cancel.is_cancelled() || shutdown.is_cancelled() {
                         return Err(Error::Cancelled);
                     }
+                    // Read straight into a (recycled) block buffer: stored without a copy.
+                    let mut buf = writer.buffer();
+                    buf.resize(bs, 0);
                     let mut filled = 0;
                     while filled < bs {
                         match f.read(&mut buf[filled..]) {
@@ -392,13 +394,14 @@ impl Node {
                     if filled == 0 {
                         break;
                     }
-                    writer.write(&buf[..filled])?;
                     if filled < bs {
                         // The last, partial block is stored (padded) by `finish`.
+                        writer.write(&buf[..filled])?;
                         let done = writer.finish()?;
                         progress(filled as u64);
                         return Ok(done);
                     }
+                    writer.write_block(buf)?;
                     progress(filled as u64);
                 }
                 writer.finish()

@@ -1047,8 +1047,46 @@ impl DatasetWriter {
         Ok(stored)
     }
 
+    /// A buffer with room for one block, recycled from a block already written when there
+    /// is one (its length and contents are then those of that block). Fill it with exactly
+    /// one block and pass it to [`DatasetWriter::write_block`] to store it without copying.
+    pub fn buffer(&mut self) -> Vec<u8> {
+        self.io
+            .as_ref()
+            .and_then(BlockWriter::recycled)
+            .unwrap_or_else(|| Vec::with_capacity(self.block_size))
+    }
+
+    /// Stores one whole block, taking its buffer (no copy). Only between whole blocks:
+    /// after a [`DatasetWriter::write`] that left a partial block pending, this is refused.
+    /// A block shorter than the block size must be the last: pass it to
+    /// [`DatasetWriter::write`] and then call [`DatasetWriter::finish`].
+    pub fn write_block(&mut self, block: Vec<u8>) -> Result<()> {
+        if self.failed {
+            return Err(Error::State(
+                "this upload failed earlier and was abandoned".into(),
+            ));
+        }
+        if !self.buf.is_empty() || block.len() != self.block_size {
+            return Err(Error::Invalid(format!(
+                "write_block takes one whole block of {} bytes at a block boundary",
+                self.block_size
+            )));
+        }
+        let r = self.store_owned(block);
+        self.failed = r.is_err();
+        r
+    }
+
     fn store_block(&mut self, block: &[u8]) -> Result<()> {
-        let digest: Digest32 = Sha256::digest(block).into();
+        let mut owned = self.buffer();
+        owned.clear();
+        owned.extend_from_slice(block);
+        self.store_owned(owned)
+    }
+
+    fn store_owned(&mut self, block: Vec<u8>) -> Result<()> {
+        let digest: Digest32 = Sha256::digest(&block).into();
         if self.seen.insert(digest) {
             let cid = Cid::from_digest(CidKind::Block, digest);
             if !self.store.has_block(&cid)? {
@@ -1061,7 +1099,7 @@ impl DatasetWriter {
             .as_mut()
             .ok_or(Error::State("upload already finished".into()))?;
         let offset = self.leaves.len() as u64 * self.block_size as u64;
-        io.write(offset, block.to_vec())?;
+        io.write(offset, block)?;
         self.leaves.push(digest);
         Ok(())
     }
@@ -1125,6 +1163,8 @@ impl Drop for DatasetWriter {
 #[derive(Debug)]
 struct BlockWriter {
     tx: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
+    /// Buffers of written blocks, handed back for reuse.
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
     thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
 }
 
@@ -1134,6 +1174,7 @@ const WRITE_QUEUE: usize = 16;
 impl BlockWriter {
     fn spawn(file: File) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
+        let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE);
         let thread = std::thread::Builder::new()
             .name("codex-upload-io".into())
             .spawn(move || {
@@ -1148,15 +1189,24 @@ impl BlockWriter {
                         }
                     }
                     write_all_vectored_at(&file, &batch, offset)?;
-                    batch.clear();
+                    for block in batch.drain(..) {
+                        // When the hashing side has enough spares, the rest are freed.
+                        let _ = spare_tx.try_send(block);
+                    }
                 }
                 Ok(())
             })
             .map_err(io_err("starting an upload writer thread"))?;
         Ok(Self {
             tx: Some(tx),
+            spare,
             thread: Some(thread),
         })
+    }
+
+    /// A buffer of a block already written, if one is waiting.
+    fn recycled(&self) -> Option<Vec<u8>> {
+        self.spare.try_recv().ok()
     }
 
     fn write(&mut self, offset: u64, block: Vec<u8>) -> Result<()> {

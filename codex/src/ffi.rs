@@ -418,7 +418,15 @@ pub(crate) fn cstring(what: &'static str, s: &str) -> Result<CString> {
 }
 
 /// Awaits a request's terminal answer.
-pub(crate) async fn answer(rx: oneshot::Receiver<Result<Vec<u8>, String>>) -> Result<Vec<u8>> {
+pub(crate) async fn answer(mut rx: oneshot::Receiver<Result<Vec<u8>, String>>) -> Result<Vec<u8>> {
+    answer_ref(&mut rx).await
+}
+
+/// [`answer`] without taking the receiver: if the future is dropped, the receiver still
+/// gets the answer later.
+pub(crate) async fn answer_ref(
+    rx: &mut oneshot::Receiver<Result<Vec<u8>, String>>,
+) -> Result<Vec<u8>> {
     match rx.await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(msg)) if msg == DESTROYED => Err(Error::Destroyed),

@@ -9,11 +9,11 @@ use bytes::{Bytes, BytesMut};
 use codex_sys as sys;
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tokio_stream::wrappers::WatchStream;
 
 use crate::error::{Error, Result};
-use crate::ffi::{answer, cstring, Progress};
+use crate::ffi::{answer, answer_ref, cstring, Progress};
 use crate::node::{CodexNode, Inner};
 use crate::types::Cid;
 
@@ -209,8 +209,9 @@ impl Session {
     async fn open(inner: &Arc<Inner>, name: &str, block_size: usize) -> Result<Self> {
         let name = cstring("filename", name)?;
         let p = name.as_ptr() as usize;
-        let id = inner
-            .call(Box::new(name), move |c| {
+        let rx = inner
+            .dispatcher
+            .request(Progress::None, Box::new(name), move |c| {
                 // SAFETY: the name lives in the request's keep-alive.
                 unsafe {
                     sys::codex_upload_init(
@@ -221,8 +222,20 @@ impl Session {
                         c.ud,
                     )
                 }
-            })
-            .await?;
+            })?;
+        // If this future is dropped before the library answers, the guard cancels the
+        // session the library opens anyway, once its id is known.
+        let mut pending = PendingOpen {
+            inner: Arc::clone(inner),
+            rx: Some(rx),
+        };
+        let id = match pending.rx.as_mut() {
+            Some(rx) => answer_ref(rx).await,
+            None => unreachable!("the receiver was just stored"),
+        };
+        // Answered (with an id or an error): nothing left to clean up in the background.
+        pending.rx = None;
+        let id = id?;
         Ok(Self {
             inner: Arc::clone(inner),
             id: String::from_utf8_lossy(&id).into_owned(),
@@ -257,9 +270,10 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        if !self.open {
+impl Session {
+    /// Cancels the session in the library without waiting for the answer.
+    fn abandon(&mut self) {
+        if !std::mem::take(&mut self.open) {
             return;
         }
         let Ok(id) = cstring("session", &self.id) else {
@@ -272,6 +286,49 @@ impl Drop for Session {
             Progress::None,
             Box::new(()),
         );
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.abandon();
+    }
+}
+
+/// An `upload_init` whose answer nobody may wait for: dropped while the answer is still
+/// due, it waits for the session id in the background and cancels that session.
+struct PendingOpen {
+    inner: Arc<Inner>,
+    rx: Option<oneshot::Receiver<Result<Vec<u8>, String>>>,
+}
+
+impl Drop for PendingOpen {
+    fn drop(&mut self) {
+        let Some(rx) = self.rx.take() else {
+            return;
+        };
+        let inner = Arc::clone(&self.inner);
+        let cancel = move |answer: std::result::Result<Result<Vec<u8>, String>, _>| {
+            if let Ok(Ok(id)) = answer {
+                Session {
+                    inner,
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    open: true,
+                }
+                .abandon();
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(async move { cancel(rx.await) });
+            }
+            // Dropped outside a runtime: a short-lived thread waits for the answer instead.
+            Err(_) => {
+                let _ = std::thread::Builder::new()
+                    .name("codex-upload-abandon".into())
+                    .spawn(move || cancel(rx.blocking_recv()));
+            }
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::{c_int, c_void};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -70,6 +70,26 @@ struct UploadSlot {
     upload: Option<Upload>,
     busy: bool,
     cancel: CancellationToken,
+    _open: OpenSession,
+}
+
+/// Counts upload sessions open in this process, for leak checks in tests.
+pub(crate) static OPEN_UPLOAD_SESSIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// One open upload session in [`OPEN_UPLOAD_SESSIONS`], from creation to drop.
+struct OpenSession;
+
+impl OpenSession {
+    fn new() -> Self {
+        OPEN_UPLOAD_SESSIONS.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        OPEN_UPLOAD_SESSIONS.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 struct DownloadSlot {
@@ -282,6 +302,7 @@ impl Context {
                         upload: None,
                         busy: false,
                         cancel: CancellationToken::new(),
+                        _open: OpenSession::new(),
                     },
                 );
                 self.answer(reply, |_| async move { Ok(id) });

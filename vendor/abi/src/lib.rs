@@ -37,6 +37,14 @@ use crate::context::{Context, Request};
 use crate::reply::{in_callback, invoke_msg, Callback, Reply};
 pub use crate::reply::{RET_ERR, RET_MISSING_CALLBACK, RET_OK, RET_PROGRESS};
 
+/// Upload sessions open in this process across all nodes (opened by `codex_upload_init`,
+/// not yet finalized, cancelled or ended by close/destroy). A diagnostic for leak tests;
+/// not part of the C ABI.
+#[doc(hidden)]
+pub fn open_upload_sessions() -> usize {
+    context::OPEN_UPLOAD_SESSIONS.load(Ordering::Relaxed)
+}
+
 /// Live contexts by handle. Handles are registry keys, never dereferenced, so a call with a
 /// destroyed or bogus handle is answered with an error instead of undefined behaviour.
 static CONTEXTS: Lazy<Mutex<HashMap<usize, Arc<Context>>>> = Lazy::new(Default::default);

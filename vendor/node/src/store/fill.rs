@@ -1,0 +1,417 @@
+//! Filling a tree block by block, as blocks arrive from the network in any order.
+//!
+//! A dataset being downloaded is registered at once (manifest, tree row with an empty
+//! `leaves` blob, its data file at full size): every block is servable to other peers as soon
+//! as its metadata is flushed, with the proof it arrived with. When the last block is in, the
+//! leaves are assembled, checked against the tree CID, and the tree becomes complete.
+//!
+//! Crash safety: a block's bytes are written before its metadata commits, so a row never
+//! names bytes that are not in the file. Without fsync this holds for process crashes; after
+//! power loss a lost page reads as a corrupt block, never as data.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use rusqlite::{params, OptionalExtension, TransactionBehavior};
+
+use super::{io_err, lock, Store};
+use crate::cid::{Cid, CidKind, Digest32};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::merkle::{CodexTree, Proof};
+
+/// Blocks written before their metadata is committed in one transaction.
+const FLUSH_EVERY: usize = 64;
+
+/// A dataset being filled from the network. One per tree at a time (the node keeps it that
+/// way). Dropping it commits what was received and frees the unused reservation.
+#[derive(Debug)]
+pub struct TreeFill {
+    store: Arc<Store>,
+    tree_id: i64,
+    tree_cid: Cid,
+    block_size: u64,
+    leaves: u64,
+    file: File,
+    /// Leaf indices held (committed or pending).
+    have: Vec<bool>,
+    missing: u64,
+    /// Distinct digests this tree holds, committed or pending.
+    digests: HashSet<Digest32>,
+    /// The leaves of a complete tree being repaired; `None` while partial.
+    known: Option<Vec<Digest32>>,
+    pending: Vec<(u64, Digest32, Vec<u8>)>,
+    reserved: u64,
+    complete: bool,
+}
+
+impl Store {
+    /// Registers the dataset of `manifest` (whose CID is `mcid`) for filling from the
+    /// network, or resumes filling it. Reserves the quota for every missing block at once,
+    /// failing with [`Error::Quota`] if it cannot fit.
+    pub fn fill(self: &Arc<Self>, mcid: &Cid, manifest: &Manifest) -> Result<TreeFill> {
+        let mbytes = manifest.encode();
+        if Cid::hash_of(CidKind::Manifest, &mbytes) != *mcid {
+            return Err(Error::Invalid(format!(
+                "{mcid} is not the CID of this manifest"
+            )));
+        }
+        let block_size = manifest.block_size;
+        if block_size == 0 || block_size > crate::MAX_BLOCK_SIZE as u64 {
+            return Err(Error::Invalid(format!(
+                "manifest block size {block_size} out of range"
+            )));
+        }
+        let leaves = manifest.blocks();
+        let tree_cid = manifest.tree_cid;
+        if tree_cid.kind() != CidKind::Tree || leaves == 0 {
+            return Err(Error::Invalid(format!("manifest {mcid} names no tree")));
+        }
+        let path = self.tree_path(&tree_cid);
+        let expiry = self.expiry();
+
+        let mut db = lock(&self.db);
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let row: Option<(i64, i64, i64, Vec<u8>)> = tx
+            .query_row(
+                "SELECT id, block_size, leaf_count, leaves FROM trees WHERE cid = ?1",
+                [tree_cid.to_bytes()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        let mut added = 0u64;
+        let (tree_id, known) = match row {
+            Some((id, bs, count, blob)) => {
+                if bs as u64 != block_size || count as u64 != leaves {
+                    return Err(Error::Corrupt {
+                        cid: mcid.to_string(),
+                        detail: "manifest disagrees with the stored tree".into(),
+                    });
+                }
+                let known = (!blob.is_empty()).then(|| {
+                    blob.chunks_exact(32)
+                        .map(|c| c.try_into().unwrap_or([0; 32]))
+                        .collect::<Vec<Digest32>>()
+                });
+                (id, known)
+            }
+            None => {
+                tx.execute(
+                    "INSERT INTO trees (cid, block_size, leaves, refs, missing, leaf_count)
+                     VALUES (?1, ?2, x'', 0, ?3, ?3)",
+                    params![tree_cid.to_bytes(), block_size as i64, leaves as i64],
+                )?;
+                (tx.last_insert_rowid(), None)
+            }
+        };
+        // The manifest block, and the dataset's reference to its tree.
+        if tx.execute(
+            "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, data) VALUES (?1, ?2, ?3, 1, ?4)",
+            params![mcid.to_bytes(), mbytes.len() as i64, expiry, mbytes],
+        )? == 1
+        {
+            added += mbytes.len() as u64;
+            tx.execute(
+                "INSERT INTO manifests (cid, tree_id) VALUES (?1, ?2)",
+                params![mcid.to_bytes(), tree_id],
+            )?;
+            tx.execute("UPDATE trees SET refs = refs + 1 WHERE id = ?1", [tree_id])?;
+        }
+        let mut have = vec![true; leaves as usize];
+        let digests = super::held_digests(&tx, tree_id)?;
+        match &known {
+            Some(_) => {
+                let mut stmt = tx.prepare("SELECT idx FROM holes WHERE tree_id = ?1")?;
+                for i in stmt.query_map([tree_id], |r| r.get::<_, i64>(0))? {
+                    if let Some(h) = have.get_mut(i? as usize) {
+                        *h = false;
+                    }
+                }
+            }
+            None => {
+                have.fill(false);
+                let mut stmt = tx.prepare("SELECT idx FROM partial WHERE tree_id = ?1")?;
+                for i in stmt.query_map([tree_id], |r| r.get::<_, i64>(0))? {
+                    if let Some(h) = have.get_mut(i? as usize) {
+                        *h = true;
+                    }
+                }
+            }
+        }
+        let missing = have.iter().filter(|h| !**h).count() as u64;
+        let reserve = missing * block_size + added;
+        self.reserve(reserve)?;
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .and_then(|f| {
+                let size = leaves * block_size;
+                if f.metadata()?.len() < size {
+                    f.set_len(size)?;
+                }
+                Ok(f)
+            });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                self.release(reserve);
+                return Err(Error::io(format!("opening {}", path.display()), e));
+            }
+        };
+        if let Err(e) = tx.commit() {
+            self.release(reserve);
+            return Err(e.into());
+        }
+        self.used.fetch_add(added, Ordering::SeqCst);
+        self.release(added);
+        drop(db);
+        Ok(TreeFill {
+            store: Arc::clone(self),
+            tree_id,
+            tree_cid,
+            block_size,
+            leaves,
+            file,
+            have,
+            missing,
+            digests,
+            known,
+            pending: Vec::new(),
+            reserved: missing * block_size,
+            complete: missing == 0,
+        })
+    }
+}
+
+impl TreeFill {
+    /// The tree being filled.
+    pub fn tree_cid(&self) -> &Cid {
+        &self.tree_cid
+    }
+
+    /// The number of leaves (blocks) of the tree.
+    pub fn leaves(&self) -> u64 {
+        self.leaves
+    }
+
+    /// The block size.
+    pub fn block_size(&self) -> u64 {
+        self.block_size
+    }
+
+    /// Whether block `index` is held (stored or pending).
+    pub fn has(&self, index: u64) -> bool {
+        self.have.get(index as usize).copied().unwrap_or(false)
+    }
+
+    /// Blocks still missing.
+    pub fn missing(&self) -> u64 {
+        self.missing
+    }
+
+    /// Whether every block is held and committed.
+    pub fn is_complete(&self) -> bool {
+        self.complete
+    }
+
+    /// Stores block `index`. `digest` must be the SHA-256 of `data` (the caller computed it
+    /// to check the block's CID); the proof is checked here against the tree root. A block
+    /// already held is ignored.
+    pub fn put(&mut self, index: u64, data: &[u8], digest: Digest32, proof: &Proof) -> Result<()> {
+        if index >= self.leaves {
+            return Err(Error::Invalid(format!(
+                "block {index} is beyond the {} blocks of {}",
+                self.leaves, self.tree_cid
+            )));
+        }
+        if self.has(index) {
+            return Ok(());
+        }
+        if data.len() as u64 != self.block_size {
+            return Err(Error::Invalid(format!(
+                "block {index} of {} has {} bytes, not {}",
+                self.tree_cid,
+                data.len(),
+                self.block_size
+            )));
+        }
+        let root_ok = proof.index == index
+            && proof.leaves == self.leaves
+            && proof.verify(&digest, &self.tree_cid.digest());
+        let leaf_ok = self
+            .known
+            .as_ref()
+            .is_none_or(|k| k.get(index as usize) == Some(&digest));
+        if !root_ok || !leaf_ok {
+            return Err(Error::Corrupt {
+                cid: Cid::from_digest(CidKind::Block, digest).to_string(),
+                detail: format!("proof does not place it at {index} of {}", self.tree_cid),
+            });
+        }
+        self.file
+            .write_all_at(data, index * self.block_size)
+            .map_err(io_err(format!(
+                "writing block {index} of {}",
+                self.tree_cid
+            )))?;
+        self.have[index as usize] = true;
+        self.pending.push((index, digest, proof.encode()));
+        if self.pending.len() >= FLUSH_EVERY {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the metadata of the blocks written since the last flush, so that they are
+    /// served to others; completes the tree when it was the last of them.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let store = Arc::clone(&self.store);
+        let expiry = store.expiry();
+        let pending = std::mem::take(&mut self.pending);
+        let mut added = 0u64;
+        let mut db = lock(&store.db);
+        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let state: Option<(Vec<u8>, i64)> = tx
+            .query_row(
+                "SELECT leaves, missing FROM trees WHERE id = ?1",
+                [self.tree_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        match state {
+            None => {
+                return Err(Error::NotFound(format!(
+                    "{} was deleted while it was being downloaded",
+                    self.tree_cid
+                )))
+            }
+            Some((_, 0)) => {
+                // Completed meanwhile (an upload of the same content): nothing to add.
+                self.complete = true;
+                return Ok(());
+            }
+            Some((blob, _)) if blob.is_empty() != self.known.is_none() => {
+                return Err(Error::State(format!(
+                    "{} changed while it was being downloaded",
+                    self.tree_cid
+                )))
+            }
+            Some(_) => {}
+        }
+        let mut committed = 0i64;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+                 VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+            )?;
+            let mut refer = tx.prepare_cached(
+                "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
+            )?;
+            let mut leaf = tx.prepare_cached(
+                "INSERT OR IGNORE INTO partial (tree_id, idx, digest, proof) VALUES (?1, ?2, ?3, ?4)",
+            )?;
+            let mut hole =
+                tx.prepare_cached("DELETE FROM holes WHERE tree_id = ?1 AND idx = ?2")?;
+            for (index, digest, proof) in &pending {
+                let stored = if self.known.is_some() {
+                    hole.execute(params![self.tree_id, *index as i64])?
+                } else {
+                    leaf.execute(params![self.tree_id, *index as i64, digest, proof])?
+                };
+                if stored == 0 {
+                    continue;
+                }
+                committed += 1;
+                if self.digests.insert(*digest) {
+                    let cid = Cid::from_digest(CidKind::Block, *digest).to_bytes();
+                    let at = *index as i64;
+                    if insert.execute(params![
+                        cid,
+                        self.block_size as i64,
+                        expiry,
+                        self.tree_id,
+                        at
+                    ])? == 1
+                    {
+                        added += self.block_size;
+                    } else {
+                        refer.execute(params![cid, expiry])?;
+                    }
+                }
+            }
+        }
+        let missing: i64 = tx.query_row(
+            "UPDATE trees SET missing = missing - ?2 WHERE id = ?1 RETURNING missing",
+            params![self.tree_id, committed],
+            |r| r.get(0),
+        )?;
+        if missing <= 0 && self.known.is_none() {
+            let leaves = assemble(&tx, self.tree_id, self.leaves)?;
+            let tree = CodexTree::new(leaves)?;
+            if tree.cid() != self.tree_cid {
+                return Err(Error::Corrupt {
+                    cid: self.tree_cid.to_string(),
+                    detail: "the received leaves do not hash to the tree root".into(),
+                });
+            }
+            tx.execute(
+                "UPDATE trees SET leaves = ?2, missing = 0 WHERE id = ?1",
+                params![self.tree_id, tree.leaves().concat()],
+            )?;
+            tx.execute("DELETE FROM partial WHERE tree_id = ?1", [self.tree_id])?;
+        }
+        tx.commit()?;
+        drop(db);
+        store.used.fetch_add(added, Ordering::SeqCst);
+        let done = pending.len() as u64 * self.block_size;
+        store.release(done.min(self.reserved));
+        self.reserved = self.reserved.saturating_sub(done);
+        self.missing = missing.max(0) as u64;
+        if missing <= 0 {
+            self.complete = true;
+            store.forget_tree(&self.tree_cid);
+        }
+        Ok(())
+    }
+}
+
+/// The leaf digests of a partial tree that holds every leaf, in order.
+fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<Vec<Digest32>> {
+    let mut stmt = tx.prepare("SELECT idx, digest FROM partial WHERE tree_id = ?1 ORDER BY idx")?;
+    let rows = stmt.query_map([tree_id], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+    })?;
+    let mut leaves = Vec::with_capacity(count as usize);
+    for row in rows {
+        let (idx, digest) = row?;
+        if idx as usize != leaves.len() {
+            return Err(Error::State(format!(
+                "leaf {} of a completed tree is absent",
+                leaves.len()
+            )));
+        }
+        leaves.push(digest.try_into().unwrap_or([0; 32]));
+    }
+    if leaves.len() as u64 != count {
+        return Err(Error::State("a completed tree lacks leaves".into()));
+    }
+    Ok(leaves)
+}
+
+impl Drop for TreeFill {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(tree = %self.tree_cid, error = %e, "could not record received blocks");
+        }
+        self.store.release(self.reserved);
+    }
+}

@@ -1726,12 +1726,15 @@ fn information_and_peer_requests_answer_once() {
     let msg = node.simple("spr", codex_spr).fails();
     assert!(msg.contains("not started"), "{msg}");
     assert_eq!(node.start().text(), "");
-    // This node has no network yet: after start it has no record either, and says so.
-    let out = node.simple("spr", codex_spr).wait();
+    // Started: a signed record, and listening addresses in debug.
+    let spr = node.simple("spr", codex_spr).text();
+    assert!(spr.starts_with("spr:"), "{spr}");
+    let debug = node.simple("debug", codex_debug).json();
+    assert_eq!(str_of(&debug, "spr"), spr);
+    let addrs = field(&debug, "addrs").as_array().unwrap();
     assert!(
-        out.code() == RET_ERR || out.text().starts_with("spr:"),
-        "{:?}",
-        out.calls
+        addrs.iter().any(|a| a.as_str().unwrap().contains("/tcp/")),
+        "{debug}"
     );
 
     let level = |l: &str| {
@@ -1770,9 +1773,15 @@ fn information_and_peer_requests_answer_once() {
     };
     let addr = ["/ip4/127.0.0.1/tcp/1"];
     let (msg, refused) = connect(&peer, Some(&addr), 1);
-    assert!(!refused && msg.contains("network"), "{msg}");
-    let (msg, _) = connect(&peer, None, 0);
-    assert!(msg.contains("network"), "{msg}");
+    assert!(!refused && msg.contains("itself"), "{msg}");
+    // Nobody listens on port 1: a clear failure, one callback.
+    let other = "16Uiu2HAmJ3TSfPnrJNedHy2DMsjTqwBiVAQQqPo579DuMgGxmG99";
+    let (msg, refused) = connect(other, Some(&addr), 1);
+    assert!(!refused && msg.contains("connect"), "{msg}");
+    let (msg, _) = connect(other, None, 0);
+    assert!(msg.contains("discovery"), "{msg}");
+    let (msg, refused) = connect(other, Some(&["not an address"]), 1);
+    assert!(refused && msg.contains("address"), "{msg}");
     let (msg, refused) = connect(&peer, None, 1);
     assert!(refused && msg.contains("NULL"), "{msg}");
     let (msg, refused) = connect("not-a-peer", Some(&addr), 1);

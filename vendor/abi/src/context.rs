@@ -244,7 +244,7 @@ impl Context {
         }
         match req {
             Request::Start => self.answer(reply, |n| async move {
-                n.start().map(|()| "").map_err(|e| e.to_string())
+                n.start().await.map(|()| "").map_err(|e| e.to_string())
             }),
             Request::Stop => self.answer(reply, |n| async move {
                 n.stop().map(|()| "").map_err(|e| e.to_string())
@@ -264,29 +264,36 @@ impl Context {
                 self.answer(reply, |n| async move { Ok(n.peer_id().to_base58()) })
             }
             Request::Debug => self.answer(reply, |n| async move { json(&n.debug_info()) }),
-            Request::Spr => self.answer(reply, |n| async move {
-                match n.state() {
-                    codex_node::State::Started => Err::<String, _>(
-                        "this node has no network yet, so it has no signed peer record".into(),
-                    ),
-                    _ => Err("the node is not started".into()),
-                }
-            }),
+            Request::Spr => self.answer(reply, |n| async move { n.spr().map_err(|e| e.to_string()) }),
             Request::LogLevel(level) => {
                 sync_try!(crate::logging::set_level(&level));
                 self.answer(reply, |_| async move { Ok("") })
             }
             Request::Connect { peer, addrs } => {
-                sync_try!(peer.parse::<codex_node::PeerId>().map_err(|e| format!("peer id: {e}")));
-                let _ = addrs;
-                self.answer(reply, |_| async move {
-                    Err::<&str, _>("this node has no network yet: cannot connect to peers".into())
+                let peer = sync_try!(peer
+                    .parse::<codex_node::PeerId>()
+                    .map_err(|e| format!("peer id: {e}")));
+                let addrs = sync_try!(addrs
+                    .iter()
+                    .map(|a| a
+                        .parse::<codex_node::Multiaddr>()
+                        .map_err(|e| format!("address {a}: {e}")))
+                    .collect::<Result<Vec<_>, String>>());
+                self.answer(reply, move |n| async move {
+                    n.connect(peer, addrs)
+                        .await
+                        .map(|()| "")
+                        .map_err(|e| e.to_string())
                 })
             }
             Request::PeerDebug(peer) => {
-                sync_try!(peer.parse::<codex_node::PeerId>().map_err(|e| format!("peer id: {e}")));
-                self.answer(reply, move |_| async move {
-                    Err::<&str, _>(format!("peer {peer} is not known: this node has no network"))
+                let peer = sync_try!(peer
+                    .parse::<codex_node::PeerId>()
+                    .map_err(|e| format!("peer id: {e}")));
+                self.answer(reply, move |n| async move {
+                    n.peer_info(&peer)
+                        .map_err(|e| e.to_string())
+                        .and_then(|v| json(&v))
                 })
             }
             Request::UploadInit { name, chunk_size } => {

@@ -19,6 +19,9 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A network failure: a peer unreachable, a listener down, data nobody provides.
+    #[error("network: {0}")]
+    Network(String),
     /// A malformed or unsupported CID.
     #[error(transparent)]
     Cid(#[from] CidError),

@@ -3,15 +3,16 @@
 //! A [`Node`] owns a multi-threaded tokio runtime. Its async methods may be awaited from any
 //! executor: disk work runs on the node's blocking pool, never on the caller's threads.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use libp2p_identity::{Keypair, PeerId};
 use serde::Serialize;
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,6 +20,10 @@ use crate::cid::Cid;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
+use crate::net::engine::Engine;
+use crate::net::fetch::{self, FetchConfig, FetchState};
+use crate::net::host::{Host, HostConfig};
+use crate::net::spr::Spr;
 use crate::store::{lock, Dataset, DatasetWriter, Space, Store, StoreConfig};
 
 /// The version this node reports.
@@ -128,7 +133,31 @@ struct Inner {
     maintenance: Mutex<Option<JoinHandle<()>>>,
     /// Cancelled at shutdown: long blocking loops check it.
     shutdown: CancellationToken,
+    /// The network, while started.
+    net: Mutex<Option<Net>>,
+    /// Downloads from the network in progress, by manifest CID.
+    fetches: Mutex<HashMap<Cid, Weak<Fetching>>>,
     runtime: Mutex<Option<Runtime>>,
+}
+
+/// The libp2p host and block exchange of a started node.
+struct Net {
+    host: Arc<Host>,
+    engine: Engine,
+    spr: Spr,
+}
+
+/// A dataset download shared by everyone waiting for it; cancelled when the last of them
+/// lets go.
+struct Fetching {
+    state: watch::Receiver<FetchState>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Fetching {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
 }
 
 impl Drop for Inner {
@@ -202,6 +231,8 @@ impl Node {
                 events,
                 maintenance: Mutex::new(None),
                 shutdown: CancellationToken::new(),
+                net: Mutex::new(None),
+                fetches: Mutex::new(HashMap::new()),
                 runtime: Mutex::new(Some(runtime)),
             }),
             handle,
@@ -255,8 +286,9 @@ impl Node {
             .ok_or_else(|| Error::State("the node is closed".into()))
     }
 
-    /// Starts the node (again, after a stop).
-    pub fn start(&self) -> Result<()> {
+    /// Starts the node (again, after a stop): block maintenance, the libp2p host listening
+    /// on `listen-addrs`, the block exchange, and connections to the bootstrap nodes.
+    pub async fn start(&self) -> Result<()> {
         {
             let mut state = lock(&self.inner.state);
             match *state {
@@ -265,6 +297,19 @@ impl Node {
                 State::Closed => return Err(Error::State("the node is closed".into())),
             }
         }
+        let net = self.handle.spawn(start_network(self.clone())).await;
+        let net = match net {
+            Ok(Ok(net)) => net,
+            Ok(Err(e)) => {
+                *lock(&self.inner.state) = State::Stopped;
+                return Err(e);
+            }
+            Err(e) => {
+                *lock(&self.inner.state) = State::Stopped;
+                return Err(Error::State(format!("starting the network: {e}")));
+            }
+        };
+        *lock(&self.inner.net) = Some(net);
         let store = self.store()?;
         let interval = self.inner.config.block_maintenance_interval;
         let per_pass = self.inner.config.block_maintenance_blocks;
@@ -293,6 +338,7 @@ impl Node {
         if let Some(task) = lock(&self.inner.maintenance).take() {
             task.abort();
         }
+        self.stop_network();
         self.emit(Event::Stopped);
         tracing::info!(peer = %self.inner.peer_id, "node stopped");
         Ok(())
@@ -414,9 +460,15 @@ impl Node {
         Ok(cid)
     }
 
-    /// Opens a stored dataset for streaming, block by block, each verified. Only local data
-    /// can be read until the node has a network (`local` is ignored until then).
-    pub async fn download(&self, cid: Cid, _local: bool) -> Result<Download> {
+    /// Opens a dataset for streaming, block by block, each verified. With `local` false, a
+    /// dataset not fully stored here is downloaded from connected peers meanwhile (and kept):
+    /// blocks stream in order as they arrive.
+    pub async fn download(&self, cid: Cid, local: bool) -> Result<Download> {
+        let fetching = if local || self.exists(cid).await? {
+            None
+        } else {
+            Some(self.fetching(cid).await?)
+        };
         let mut reader = self.blocking(move |s| s.reader(&cid)).await?;
         let manifest = reader.manifest().clone();
         let (tx, rx) = mpsc::channel(READ_AHEAD);
@@ -424,9 +476,32 @@ impl Node {
         // Reads ahead while there is room, a batch per trip to the blocking pool: an idle
         // consumer parks only this task, never a blocking thread.
         self.handle().spawn(async move {
+            let mut progress = fetching.as_ref().map(|f| f.state.clone());
             while let Ok(permit) = tx.reserve().await {
                 // This task is the only sender: the room seen now is still there below.
-                let batch = 1 + tx.capacity().min(READ_BATCH - 1);
+                let mut batch = 1 + tx.capacity().min(READ_BATCH - 1);
+                if let Some(progress) = progress.as_mut() {
+                    // Read only what the download has stored.
+                    let at = reader.position();
+                    let ready = progress
+                        .wait_for(|st| st.prefix > at || st.error.is_some())
+                        .await
+                        .map(|st| (st.prefix, st.error.clone()));
+                    match ready {
+                        Ok((prefix, None)) => {
+                            batch = batch.min((prefix - at).min(READ_BATCH as u64) as usize);
+                        }
+                        Ok((prefix, Some(e))) if prefix <= at => {
+                            permit.send(Err(Error::Network(e)));
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(_) => {
+                            permit.send(Err(Error::Cancelled));
+                            return;
+                        }
+                    }
+                }
                 let read = handle.spawn_blocking(move || {
                     let mut items = Vec::with_capacity(batch);
                     while items.len() < batch {
@@ -464,8 +539,149 @@ impl Node {
                     return;
                 }
             }
+            drop(fetching);
         });
         Ok(Download { manifest, rx })
+    }
+
+    /// Joins the download of dataset `cid` in progress, or starts one: the manifest from the
+    /// store or from peers, then the blocks.
+    async fn fetching(&self, cid: Cid) -> Result<Arc<Fetching>> {
+        if let Some(f) = lock(&self.inner.fetches).get(&cid).and_then(Weak::upgrade) {
+            if f.state.borrow().error.is_none() {
+                return Ok(f);
+            }
+        }
+        let Ok(engine) = self.engine() else {
+            return Err(Error::NotFound(format!(
+                "dataset {cid} (the node is not started, so it cannot fetch it from peers)"
+            )));
+        };
+        let cfg = self.fetch_config();
+        let cancel = self.inner.shutdown.child_token();
+        let (manifest, first) = match self.manifest(cid).await {
+            Ok(m) => (m, None),
+            Err(Error::NotFound(_)) => {
+                let (m, peer) = self
+                    .handle
+                    .spawn({
+                        let engine = engine.clone();
+                        let cancel = cancel.clone();
+                        async move { fetch::manifest(&engine, cid, cfg, &cancel).await }
+                    })
+                    .await
+                    .map_err(|e| Error::State(format!("fetching the manifest: {e}")))??;
+                (m, Some(peer))
+            }
+            Err(e) => return Err(e),
+        };
+        let mut fetches = lock(&self.inner.fetches);
+        if let Some(f) = fetches.get(&cid).and_then(Weak::upgrade) {
+            if f.state.borrow().error.is_none() {
+                return Ok(f);
+            }
+        }
+        let (state_tx, state) = watch::channel(FetchState::default());
+        let store = self.store()?;
+        let task_cancel = cancel.clone();
+        self.handle.spawn(async move {
+            let job = fetch::DatasetJob {
+                engine,
+                store,
+                mcid: cid,
+                manifest,
+                first,
+                cfg,
+            };
+            let r = fetch::dataset(job, state_tx, task_cancel).await;
+            match r {
+                Ok(()) => tracing::info!(%cid, "dataset downloaded"),
+                Err(Error::Cancelled) => tracing::debug!(%cid, "download cancelled"),
+                Err(e) => tracing::warn!(%cid, error = %e, "download failed"),
+            }
+        });
+        let f = Arc::new(Fetching { state, cancel });
+        fetches.retain(|_, w| w.strong_count() > 0);
+        fetches.insert(cid, Arc::downgrade(&f));
+        Ok(f)
+    }
+
+    fn fetch_config(&self) -> FetchConfig {
+        FetchConfig {
+            retries: self.inner.config.block_retries,
+            ..FetchConfig::default()
+        }
+    }
+
+    fn engine(&self) -> Result<Engine> {
+        lock(&self.inner.net)
+            .as_ref()
+            .map(|n| n.engine.clone())
+            .ok_or_else(|| Error::State("the node is not started".into()))
+    }
+
+    fn host(&self) -> Result<Arc<Host>> {
+        lock(&self.inner.net)
+            .as_ref()
+            .map(|n| Arc::clone(&n.host))
+            .ok_or_else(|| Error::State("the node is not started".into()))
+    }
+
+    /// The signed peer record (`spr:…`) of the started node.
+    pub fn spr(&self) -> Result<String> {
+        lock(&self.inner.net)
+            .as_ref()
+            .map(|n| n.spr.to_string())
+            .ok_or_else(|| Error::State("the node is not started".into()))
+    }
+
+    /// Connects to `peer` at `addrs`. Returns once connected.
+    pub async fn connect(&self, peer: PeerId, addrs: Vec<libp2p::Multiaddr>) -> Result<()> {
+        if addrs.is_empty() {
+            return Err(Error::Invalid(
+                "no address given, and this node has no discovery to find the peer".into(),
+            ));
+        }
+        if peer == self.inner.peer_id {
+            return Err(Error::Invalid("cannot connect to this node itself".into()));
+        }
+        let host = self.host()?;
+        self.handle
+            .spawn(async move { host.dial(peer, addrs).await })
+            .await
+            .map_err(|e| Error::State(format!("connecting: {e}")))?
+    }
+
+    /// What this node knows of a connected peer: `{peerId, seqNo, addresses}`.
+    pub fn peer_info(&self, peer: &PeerId) -> Result<serde_json::Value> {
+        let info = self.host()?.info();
+        let addr = info
+            .peers
+            .get(peer)
+            .ok_or_else(|| Error::NotFound(format!("peer {peer}")))?;
+        Ok(serde_json::json!({
+            "peerId": peer.to_base58(),
+            "seqNo": 0,
+            "addresses": [addr.to_string()],
+        }))
+    }
+
+    /// Peers connected now.
+    pub fn peers(&self) -> Vec<PeerId> {
+        self.engine().map(|e| e.peers()).unwrap_or_default()
+    }
+
+    fn stop_network(&self) {
+        let net = lock(&self.inner.net).take();
+        if let Some(net) = net {
+            net.engine.stop();
+            drop(net.host);
+        }
+        for (_, f) in lock(&self.inner.fetches).drain() {
+            if let Some(f) = f.upgrade() {
+                f.cancel.cancel();
+            }
+        }
     }
 
     /// The manifest of a stored dataset.
@@ -503,14 +719,37 @@ impl Node {
     /// Makes a dataset local and returns its manifest. Without a network only datasets
     /// already stored can be fetched; completion is reported as [`Event::FetchCompleted`].
     pub async fn fetch(&self, cid: Cid) -> Result<Manifest> {
-        let manifest = self.manifest(cid).await?;
-        if !self.exists(cid).await? {
-            return Err(Error::NotFound(format!(
-                "part of dataset {cid} (no network to fetch it from)"
-            )));
+        if self.exists(cid).await? {
+            let manifest = self.manifest(cid).await?;
+            self.emit(Event::FetchCompleted {
+                cid: cid.to_string(),
+            });
+            return Ok(manifest);
         }
-        self.emit(Event::FetchCompleted {
-            cid: cid.to_string(),
+        let fetching = self.fetching(cid).await?;
+        let manifest = self.manifest(cid).await?;
+        let events = self.inner.events.clone();
+        self.handle.spawn(async move {
+            let mut state = fetching.state.clone();
+            let end = state
+                .wait_for(|st| st.done || st.error.is_some())
+                .await
+                .map(|st| st.error.clone());
+            let event = match end {
+                Ok(None) => Event::FetchCompleted {
+                    cid: cid.to_string(),
+                },
+                Ok(Some(error)) => Event::FetchFailed {
+                    cid: cid.to_string(),
+                    error,
+                },
+                Err(_) => Event::FetchFailed {
+                    cid: cid.to_string(),
+                    error: "the download stopped".into(),
+                },
+            };
+            let _ = events.send(event);
+            drop(fetching);
         });
         Ok(manifest)
     }
@@ -518,11 +757,15 @@ impl Node {
     /// Debug information.
     pub fn debug_info(&self) -> DebugInfo {
         let id = self.inner.peer_id.to_base58();
+        let addrs: Vec<String> = self
+            .host()
+            .map(|h| h.info().listen.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
         DebugInfo {
             id: id.clone(),
-            addrs: Vec::new(),
-            spr: String::new(),
-            announce_addresses: Vec::new(),
+            addrs: addrs.clone(),
+            spr: self.spr().unwrap_or_default(),
+            announce_addresses: addrs,
             table: Table {
                 local_node: serde_json::json!({ "peerId": id }),
                 nodes: Vec::new(),
@@ -538,6 +781,7 @@ impl Node {
         if let Some(task) = lock(&self.inner.maintenance).take() {
             task.abort();
         }
+        self.stop_network();
         *lock(&self.inner.state) = State::Closed;
         lock(&self.inner.store).take();
         let rt = lock(&self.inner.runtime).take();
@@ -549,6 +793,73 @@ impl Node {
             }
         }
     }
+}
+
+/// Starts the host and the block exchange (on the node's runtime), then dials the bootstrap
+/// nodes in the background.
+async fn start_network(node: Node) -> Result<Net> {
+    let cfg = &node.inner.config;
+    let listen = cfg
+        .listen_addrs
+        .iter()
+        .map(|a| {
+            a.parse::<libp2p::Multiaddr>().map_err(|e| Error::Config {
+                key: "listen-addrs".into(),
+                message: format!("{a}: {e}"),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bootstrap = cfg
+        .bootstrap_nodes
+        .iter()
+        .map(|s| {
+            s.parse::<Spr>().map_err(|e| Error::Config {
+                key: "bootstrap-node".into(),
+                message: e.to_string(),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let (events, peer_events) = mpsc::channel(256);
+    let host = Host::start(
+        node.inner.key.clone(),
+        HostConfig {
+            listen,
+            max_peers: cfg.max_peers,
+            agent: cfg.agent_string.clone(),
+        },
+        events,
+    )
+    .await?;
+    let seq = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_secs());
+    let spr = crate::net::spr::sign(&node.inner.key, seq, &host.info().listen)
+        .map_err(|e| Error::Network(format!("signing the peer record: {e}")))?;
+    let host = Arc::new(host);
+    let engine = Engine::start(node.store()?, Arc::clone(&host), peer_events)?;
+    for record in bootstrap {
+        let host = Arc::clone(&host);
+        tokio::spawn(async move {
+            let peer = record.peer_id();
+            let addrs: Vec<libp2p::Multiaddr> = record
+                .addrs()
+                .iter()
+                .filter(|a| {
+                    a.iter()
+                        .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
+                })
+                .cloned()
+                .collect();
+            if addrs.is_empty() {
+                tracing::warn!(%peer, "bootstrap record has no TCP address; skipped");
+                return;
+            }
+            if let Err(e) = host.dial(peer, addrs).await {
+                tracing::warn!(%peer, error = %e, "cannot reach bootstrap node");
+            }
+        });
+    }
+    Ok(Net { host, engine, spr })
 }
 
 /// Drops the last handle of the store, waiting (bounded) for tasks that still hold it.
@@ -730,12 +1041,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let node = node(dir.path());
         assert!(node.stop().is_err());
-        node.start().unwrap();
-        assert!(node.start().is_err());
+        node.start().await.unwrap();
+        assert!(node.start().await.is_err());
         node.stop().unwrap();
-        node.start().unwrap();
+        node.start().await.unwrap();
         node.close().await.unwrap();
-        assert!(node.start().is_err());
+        assert!(node.start().await.is_err());
         assert!(node.space().await.is_err());
         drop(node);
         // The data-dir is free again for a new node.

@@ -301,7 +301,37 @@ impl Store {
         })
     }
 
-    /// Whether a block with this CID is stored.
+    /// Whether a block with this CID (any kind, manifests included) is stored.
+    pub fn exists_block(&self, cid: &Cid) -> Result<bool> {
+        self.has_block(cid)
+    }
+
+    /// Whether block `index` of tree `tree_cid` is stored.
+    pub fn holds_leaf(&self, tree_cid: &Cid, index: u64) -> Result<bool> {
+        let db = lock(&self.db);
+        let row: Option<(i64, i64, bool)> = db
+            .prepare_cached("SELECT id, leaf_count, length(leaves) > 0 FROM trees WHERE cid = ?1")?
+            .query_row([tree_cid.to_bytes()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .optional()?;
+        let Some((id, count, complete)) = row else {
+            return Ok(false);
+        };
+        if index >= count as u64 {
+            return Ok(false);
+        }
+        let sql = if complete {
+            "SELECT NOT EXISTS (SELECT 1 FROM holes WHERE tree_id = ?1 AND idx = ?2)"
+        } else {
+            "SELECT EXISTS (SELECT 1 FROM partial WHERE tree_id = ?1 AND idx = ?2)"
+        };
+        let held = db
+            .prepare_cached(sql)?
+            .query_row(params![id, index as i64], |r| r.get(0))?;
+        Ok(held)
+    }
+
     fn has_block(&self, cid: &Cid) -> Result<bool> {
         let db = lock(&self.db);
         let mut stmt = db.prepare_cached("SELECT 1 FROM blocks WHERE cid = ?1")?;
@@ -1488,14 +1518,25 @@ impl DatasetReader {
         self.remaining
     }
 
+    /// The index of the next block.
+    pub fn position(&self) -> u64 {
+        self.next
+    }
+
     /// The next block's bytes (truncated at the dataset's end), or `None` at the end.
     pub fn next_block(&mut self) -> Result<Option<Bytes>> {
         if self.remaining == 0 {
             return Ok(None);
         }
-        let mut block = self
-            .store
-            .read_leaf(&self.tree_cid, &self.entry, self.next)?;
+        let mut block = match self.store.read_leaf(&self.tree_cid, &self.entry, self.next) {
+            // The tree was partial when opened and has completed since: its leaves moved.
+            Err(Error::NotFound(_)) if self.entry.tree.is_none() => {
+                self.entry = self.store.open_tree(&self.tree_cid)?;
+                self.store
+                    .read_leaf(&self.tree_cid, &self.entry, self.next)?
+            }
+            r => r?,
+        };
         self.next += 1;
         let n = (block.len() as u64).min(self.remaining);
         block.truncate(n as usize);
@@ -1933,7 +1974,7 @@ mod fill_tests {
             // Dropped: what arrived is committed.
         }
         let sb = open(b.path());
-        let mut fill = sb.fill(&mcid, &manifest).unwrap();
+        let fill = sb.fill(&mcid, &manifest).unwrap();
         assert_eq!(fill.missing(), 3);
         assert!(fill.has(2) && !fill.has(3));
         assert_eq!(sb.space().unwrap().quota_reserved_bytes, 3 * 4096);

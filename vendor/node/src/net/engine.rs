@@ -1,0 +1,429 @@
+//! The block exchange engine: serves stored blocks to peers and routes what peers send to
+//! the downloads that asked for it.
+//!
+//! Per connected peer there is one outbound stream (opened when there is first something to
+//! send, reopened after errors), one task reading each inbound stream continuously, and one
+//! server task answering the peer's want lists in order. Every queue is bounded; a peer that
+//! floods its queue loses the excess, never the node's memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::{PeerId, StreamProtocol};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::host::{Host, PeerEvent};
+use super::message::{
+    read_message, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
+    MAX_MESSAGE,
+};
+use crate::cid::{Cid, CidKind};
+use crate::error::Error;
+use crate::store::{lock, Store};
+
+/// The block exchange protocol.
+pub const BLOCKEXC: StreamProtocol = StreamProtocol::new("/codex/blockexc/1.0.0");
+
+/// Most blocks per delivery message (as the reference sends them).
+const DELIVERY_BLOCKS: usize = 20;
+
+/// Most payload bytes per delivery message.
+const DELIVERY_BYTES: usize = 4 << 20;
+
+/// Messages queued for one peer's outbound stream.
+const OUT_QUEUE: usize = 8;
+
+/// Want lists queued for one peer's server task.
+const SERVE_QUEUE: usize = 64;
+
+/// Most entries taken from one want list.
+const MAX_ENTRIES: usize = 4096;
+
+/// How long a peer that sent bad data stays banned.
+const BAN: Duration = Duration::from_secs(600);
+
+/// Something a peer sent that a download asked for, or a change in the peers.
+#[derive(Debug)]
+pub enum Inbound {
+    /// A block.
+    Delivery(PeerId, Delivery),
+    /// Whether the peer has a block.
+    Presence(PeerId, Presence),
+    /// A peer connected.
+    PeerUp(PeerId),
+    /// A peer went away.
+    PeerDown(PeerId),
+}
+
+struct Peer {
+    out: mpsc::Sender<Message>,
+    serve: mpsc::Sender<Vec<Entry>>,
+}
+
+struct Shared {
+    store: Arc<Store>,
+    host: Arc<Host>,
+    peers: Mutex<HashMap<PeerId, Peer>>,
+    /// Downloads by the CID their blocks are addressed by (tree or manifest CID).
+    routes: Mutex<HashMap<Cid, Vec<mpsc::Sender<Inbound>>>>,
+    banned: Mutex<HashMap<PeerId, Instant>>,
+    stop: CancellationToken,
+}
+
+/// The block exchange of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").finish_non_exhaustive()
+    }
+}
+
+/// Unregisters a download's route when dropped.
+pub struct Route {
+    engine: Engine,
+    key: Cid,
+    tx: mpsc::Sender<Inbound>,
+}
+
+impl Drop for Route {
+    fn drop(&mut self) {
+        let mut routes = lock(&self.engine.shared.routes);
+        if let Some(list) = routes.get_mut(&self.key) {
+            list.retain(|t| !t.same_channel(&self.tx));
+            if list.is_empty() {
+                routes.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Engine {
+    /// Starts serving `store` over `host`. `events` are the host's peer events.
+    pub fn start(
+        store: Arc<Store>,
+        host: Arc<Host>,
+        mut events: mpsc::Receiver<PeerEvent>,
+    ) -> crate::Result<Self> {
+        let mut incoming = host
+            .control()
+            .accept(BLOCKEXC)
+            .map_err(|_| Error::State("the block exchange is already running".into()))?;
+        let engine = Self {
+            shared: Arc::new(Shared {
+                store,
+                host,
+                peers: Mutex::new(HashMap::new()),
+                routes: Mutex::new(HashMap::new()),
+                banned: Mutex::new(HashMap::new()),
+                stop: CancellationToken::new(),
+            }),
+        };
+        let stop = engine.shared.stop.clone();
+        let e = engine.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    next = incoming.next() => match next {
+                        Some((peer, stream)) => {
+                            if e.is_banned(&peer) {
+                                continue;
+                            }
+                            tokio::spawn(e.clone().read(peer, stream));
+                        }
+                        None => break,
+                    },
+                    event = events.recv() => match event {
+                        Some(PeerEvent::Connected(peer)) => e.peer_up(peer),
+                        Some(PeerEvent::Disconnected(peer)) => e.peer_down(peer),
+                        None => break,
+                    },
+                }
+            }
+        });
+        Ok(engine)
+    }
+
+    /// Stops the engine's tasks.
+    pub fn stop(&self) {
+        self.shared.stop.cancel();
+        lock(&self.shared.peers).clear();
+    }
+
+    /// Peers connected now.
+    pub fn peers(&self) -> Vec<PeerId> {
+        lock(&self.shared.peers).keys().copied().collect()
+    }
+
+    /// Registers a download for messages about blocks addressed by `key`.
+    pub fn route(&self, key: Cid, tx: mpsc::Sender<Inbound>) -> Route {
+        lock(&self.shared.routes)
+            .entry(key)
+            .or_default()
+            .push(tx.clone());
+        Route {
+            engine: self.clone(),
+            key,
+            tx,
+        }
+    }
+
+    /// Queues `msg` for `peer`. Returns false when the peer is gone or its queue is full.
+    pub fn send(&self, peer: &PeerId, msg: Message) -> bool {
+        let out = lock(&self.shared.peers).get(peer).map(|p| p.out.clone());
+        out.is_some_and(|o| o.try_send(msg).is_ok())
+    }
+
+    /// Drops a peer that sent bad data: disconnects it and refuses it for a while.
+    pub fn penalise(&self, peer: &PeerId, why: &str) {
+        tracing::warn!(%peer, why, "dropping misbehaving peer");
+        lock(&self.shared.banned).insert(*peer, Instant::now() + BAN);
+        self.shared.host.disconnect(*peer);
+        self.peer_down(*peer);
+    }
+
+    fn is_banned(&self, peer: &PeerId) -> bool {
+        let mut banned = lock(&self.shared.banned);
+        match banned.get(peer) {
+            Some(until) if *until > Instant::now() => true,
+            Some(_) => {
+                banned.remove(peer);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn peer_up(&self, peer: PeerId) {
+        if self.is_banned(&peer) {
+            self.shared.host.disconnect(peer);
+            return;
+        }
+        let (out, out_rx) = mpsc::channel(OUT_QUEUE);
+        let (serve, serve_rx) = mpsc::channel(SERVE_QUEUE);
+        lock(&self.shared.peers).insert(peer, Peer { out, serve });
+        tokio::spawn(self.clone().write(peer, out_rx));
+        tokio::spawn(self.clone().serve(peer, serve_rx));
+        self.broadcast(|| Inbound::PeerUp(peer));
+    }
+
+    fn peer_down(&self, peer: PeerId) {
+        if lock(&self.shared.peers).remove(&peer).is_some() {
+            self.broadcast(|| Inbound::PeerDown(peer));
+        }
+    }
+
+    fn broadcast(&self, event: impl Fn() -> Inbound) {
+        let routes: Vec<mpsc::Sender<Inbound>> = lock(&self.shared.routes)
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        for r in routes {
+            // A download too busy to hear about a peer finds out at its next timeout.
+            let _ = r.try_send(event());
+        }
+    }
+
+    /// The downloads interested in blocks at `address`.
+    fn routes_for(&self, address: &BlockAddress) -> Vec<mpsc::Sender<Inbound>> {
+        let key = match address {
+            BlockAddress::Leaf { tree, .. } => tree,
+            BlockAddress::Cid(cid) => cid,
+        };
+        lock(&self.shared.routes)
+            .get(key)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Reads one inbound stream of `peer` until it ends, acting on every message.
+    async fn read(self, peer: PeerId, mut stream: libp2p::Stream) {
+        loop {
+            let msg = tokio::select! {
+                _ = self.shared.stop.cancelled() => return,
+                m = read_message(&mut stream, MAX_MESSAGE) => m,
+            };
+            match msg {
+                Ok(Some(msg)) => self.handle(peer, msg).await,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "block exchange stream ended");
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, peer: PeerId, msg: Message) {
+        let Message {
+            wantlist,
+            deliveries,
+            presences,
+        } = msg;
+        if !wantlist.entries.is_empty() {
+            let mut entries = wantlist.entries;
+            if entries.len() > MAX_ENTRIES {
+                tracing::debug!(%peer, n = entries.len(), "want list truncated");
+                entries.truncate(MAX_ENTRIES);
+            }
+            let serve = lock(&self.shared.peers).get(&peer).map(|p| p.serve.clone());
+            if let Some(serve) = serve {
+                if serve.try_send(entries).is_err() {
+                    tracing::debug!(%peer, "peer's want lists pile up; dropping one");
+                }
+            }
+        }
+        for p in presences {
+            for r in self.routes_for(&p.address) {
+                let _ = r.send(Inbound::Presence(peer, p.clone())).await;
+            }
+        }
+        for d in deliveries {
+            let routes = self.routes_for(&d.address);
+            if routes.is_empty() {
+                tracing::trace!(%peer, "unrequested block dropped");
+            }
+            let last = routes.len().saturating_sub(1);
+            let mut d = Some(d);
+            for (i, r) in routes.into_iter().enumerate() {
+                let item = if i == last { d.take() } else { d.clone() };
+                if let Some(item) = item {
+                    // Backpressure: a download that cannot keep up slows this peer down.
+                    let _ = r.send(Inbound::Delivery(peer, item)).await;
+                }
+            }
+        }
+    }
+
+    /// Sends queued messages to `peer` on this node's own outbound stream.
+    async fn write(self, peer: PeerId, mut rx: mpsc::Receiver<Message>) {
+        let mut control = self.shared.host.control();
+        let mut stream: Option<libp2p::Stream> = None;
+        while let Some(msg) = rx.recv().await {
+            for attempt in 0..2 {
+                if stream.is_none() {
+                    match control.open_stream(peer, BLOCKEXC).await {
+                        Ok(s) => stream = Some(s),
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "cannot open block exchange stream");
+                            continue;
+                        }
+                    }
+                }
+                let Some(s) = stream.as_mut() else { continue };
+                match write_message(s, &msg).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(%peer, attempt, error = %e, "block exchange write failed");
+                        stream = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Answers `peer`'s want lists in order, reading blocks on the blocking pool.
+    async fn serve(self, peer: PeerId, mut rx: mpsc::Receiver<Vec<Entry>>) {
+        while let Some(entries) = rx.recv().await {
+            let out = lock(&self.shared.peers).get(&peer).map(|p| p.out.clone());
+            let Some(out) = out else { return };
+            let store = Arc::clone(&self.shared.store);
+            let done = tokio::task::spawn_blocking(move || answer(&store, entries, &out)).await;
+            if !matches!(done, Ok(true)) {
+                return;
+            }
+        }
+    }
+}
+
+/// Answers one want list: presences for WantHave, blocks for WantBlock. Returns false once
+/// the peer is gone.
+fn answer(store: &Store, entries: Vec<Entry>, out: &mpsc::Sender<Message>) -> bool {
+    // Entries cancelled later in the same list are not answered.
+    let cancelled: Vec<BlockAddress> = entries
+        .iter()
+        .filter(|e| e.cancel)
+        .map(|e| e.address)
+        .collect();
+    let mut msg = Message::default();
+    let mut bytes = 0;
+    for e in entries.into_iter().filter(|e| !e.cancel) {
+        if cancelled.contains(&e.address) {
+            continue;
+        }
+        match e.want_type {
+            WantType::Have => {
+                let have = holds(store, &e.address);
+                if have || e.send_dont_have {
+                    msg.presences.push(Presence {
+                        address: e.address,
+                        have,
+                    });
+                }
+            }
+            WantType::Block => match read(store, &e.address) {
+                Some(d) => {
+                    bytes += d.data.len();
+                    msg.deliveries.push(d);
+                }
+                None if e.send_dont_have => msg.presences.push(Presence {
+                    address: e.address,
+                    have: false,
+                }),
+                None => {}
+            },
+        }
+        if msg.deliveries.len() >= DELIVERY_BLOCKS || bytes >= DELIVERY_BYTES {
+            if out.blocking_send(std::mem::take(&mut msg)).is_err() {
+                return false;
+            }
+            bytes = 0;
+        }
+    }
+    if msg.deliveries.is_empty() && msg.presences.is_empty() {
+        return true;
+    }
+    out.blocking_send(msg).is_ok()
+}
+
+fn holds(store: &Store, address: &BlockAddress) -> bool {
+    match address {
+        BlockAddress::Cid(cid) => store.exists_block(cid).unwrap_or(false),
+        BlockAddress::Leaf { tree, index } => store.holds_leaf(tree, *index).unwrap_or(false),
+    }
+}
+
+fn read(store: &Store, address: &BlockAddress) -> Option<Delivery> {
+    let r = match address {
+        BlockAddress::Cid(cid) => store.block(cid).map(|data| Delivery {
+            cid: *cid,
+            data,
+            address: *address,
+            proof: None,
+        }),
+        BlockAddress::Leaf { tree, index } => {
+            store.leaf(tree, *index).map(|(data, proof)| Delivery {
+                cid: Cid::hash_of(CidKind::Block, &data),
+                data,
+                address: *address,
+                proof: Some(proof),
+            })
+        }
+    };
+    match r {
+        Ok(d) => Some(d),
+        Err(Error::NotFound(_)) => None,
+        Err(e) => {
+            tracing::warn!(?address, error = %e, "cannot serve block");
+            None
+        }
+    }
+}

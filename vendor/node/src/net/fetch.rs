@@ -1,0 +1,622 @@
+//! Downloading from peers: a manifest by CID, then a whole dataset from every peer that
+//! provides it, in parallel, with a bounded window, timeouts, retries and failover.
+//!
+//! Providers are the connected peers that answer Have for the manifest CID (or delivered
+//! it). Blocks are requested in index order, spread over the providers; a block a provider
+//! does not have, that times out, or whose provider goes away is asked of another. Every
+//! block is checked before it is stored: asked of that peer, hashing to its CID, and placed
+//! by its proof under the tree root. A peer that sends a bad block is dropped.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use libp2p::PeerId;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::engine::{Engine, Inbound};
+use super::message::{BlockAddress, Entry, Message, WantList, WantType};
+use crate::cid::{Cid, CidKind, Digest32};
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::merkle::Proof;
+use crate::store::{Store, TreeFill};
+
+/// Blocks requested and not yet received, over all providers.
+const WINDOW: usize = 512;
+
+/// Blocks requested from one provider at once.
+const PER_PEER: usize = 256;
+
+/// How long a requested block may take before it is asked of another provider.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Received blocks waiting to be verified and written.
+const WRITE_QUEUE: usize = 256;
+
+/// Retry settings of downloads.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchConfig {
+    /// How many times a block (or a manifest) is asked for again before the download fails
+    /// (`block-retries`).
+    pub retries: u32,
+    /// Time between retries when nobody answers.
+    pub retry_interval: Duration,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            retries: 3000,
+            retry_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+fn want(address: BlockAddress, want_type: WantType) -> Entry {
+    Entry {
+        address,
+        priority: 0,
+        cancel: false,
+        want_type,
+        send_dont_have: true,
+    }
+}
+
+fn wants(entries: Vec<Entry>) -> Message {
+    Message {
+        wantlist: WantList {
+            entries,
+            full: false,
+        },
+        ..Message::default()
+    }
+}
+
+/// Fetches the manifest `mcid` from connected peers. Returns it and the peer that sent it.
+pub async fn manifest(
+    engine: &Engine,
+    mcid: Cid,
+    cfg: FetchConfig,
+    cancel: &CancellationToken,
+) -> Result<(Manifest, PeerId)> {
+    if mcid.kind() != CidKind::Manifest {
+        return Err(Error::Invalid(format!(
+            "{mcid} is not a manifest (dataset) CID"
+        )));
+    }
+    let (tx, mut rx) = mpsc::channel(64);
+    let _route = engine.route(mcid, tx);
+    let ask = |peer: &PeerId| {
+        engine.send(
+            peer,
+            wants(vec![want(BlockAddress::Cid(mcid), WantType::Block)]),
+        );
+    };
+    let mut asked = 0usize;
+    for p in engine.peers() {
+        ask(&p);
+        asked += 1;
+    }
+    let mut rounds = 0u32;
+    let mut tick = tokio::time::interval(cfg.retry_interval);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+            _ = tick.tick() => {
+                rounds += 1;
+                if rounds > cfg.retries {
+                    return Err(Error::Network(format!(
+                        "no peer provides {mcid} (asked {asked} peers, {} retries)",
+                        cfg.retries
+                    )));
+                }
+                for p in engine.peers() {
+                    ask(&p);
+                    asked += 1;
+                }
+            }
+            msg = rx.recv() => match msg {
+                Some(Inbound::Delivery(peer, d)) if d.address == BlockAddress::Cid(mcid) => {
+                    if !mcid.matches(&d.data) {
+                        engine.penalise(&peer, "sent a manifest that does not match its CID");
+                        continue;
+                    }
+                    match Manifest::decode(&d.data) {
+                        Ok(m) => return Ok((m, peer)),
+                        Err(e) => {
+                            return Err(Error::Invalid(format!("{mcid} is not a manifest: {e}")))
+                        }
+                    }
+                }
+                Some(Inbound::PeerUp(peer)) => {
+                    ask(&peer);
+                    asked += 1;
+                }
+                Some(_) => {}
+                None => return Err(Error::State("the network is stopped".into())),
+            },
+        }
+    }
+}
+
+/// Progress of a dataset download, as subscribers see it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FetchState {
+    /// Every block below this index is stored (and servable).
+    pub prefix: u64,
+    /// Blocks stored.
+    pub stored: u64,
+    /// The whole dataset is stored.
+    pub done: bool,
+    /// Why the download failed, if it did.
+    pub error: Option<String>,
+}
+
+/// What the writer thread reports.
+enum Written {
+    /// A block was checked and written, or refused.
+    Block {
+        peer: PeerId,
+        index: u64,
+        result: Result<()>,
+    },
+    /// Metadata committed: blocks below `prefix` are servable; `stored` in all.
+    Committed {
+        prefix: u64,
+        stored: u64,
+        complete: bool,
+    },
+}
+
+struct Flight {
+    peer: PeerId,
+    since: Instant,
+}
+
+#[derive(Default)]
+struct Provider {
+    inflight: usize,
+    /// Blocks it said it does not have (asked again after a retry interval).
+    refused: HashSet<u64>,
+}
+
+/// A dataset to download.
+#[derive(Debug)]
+pub struct DatasetJob {
+    /// The block exchange to download through.
+    pub engine: Engine,
+    /// Where the blocks go.
+    pub store: Arc<Store>,
+    /// The dataset's manifest CID.
+    pub mcid: Cid,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// A peer known to provide it (the one that sent the manifest).
+    pub first: Option<PeerId>,
+    /// Retry settings.
+    pub cfg: FetchConfig,
+}
+
+/// Downloads a dataset into the store, publishing progress to `state`. Returns when the
+/// dataset is complete, fails, or `cancel` fires.
+pub async fn dataset(
+    job: DatasetJob,
+    state: watch::Sender<FetchState>,
+    cancel: CancellationToken,
+) -> Result<()> {
+    let DatasetJob {
+        engine,
+        store,
+        mcid,
+        manifest,
+        first,
+        cfg,
+    } = job;
+    let fill = {
+        let store = Arc::clone(&store);
+        tokio::task::spawn_blocking(move || store.fill(&mcid, &manifest))
+            .await
+            .map_err(|e| Error::State(format!("opening the download: {e}")))??
+    };
+    let tree = *fill.tree_cid();
+    let todo: BTreeSet<u64> = (0..fill.leaves()).filter(|i| !fill.has(*i)).collect();
+    let stored = fill.leaves() - todo.len() as u64;
+    let prefix = todo.first().copied().unwrap_or(fill.leaves());
+    state.send_replace(FetchState {
+        prefix,
+        stored,
+        done: fill.is_complete(),
+        error: None,
+    });
+    if fill.is_complete() {
+        return Ok(());
+    }
+    let (tx, mut inbound) = mpsc::channel(WRITE_QUEUE);
+    let _route_tree = engine.route(tree, tx.clone());
+    let _route_manifest = engine.route(mcid, tx);
+    let (to_writer, writer_rx) = mpsc::channel(WRITE_QUEUE);
+    let (writer_tx, mut written) = mpsc::channel(WRITE_QUEUE);
+    let writer = std::thread::Builder::new()
+        .name("codex-fetch-io".into())
+        .spawn(move || write_blocks(fill, writer_rx, writer_tx))
+        .map_err(|e| Error::io("starting a download writer", e))?;
+
+    let mut s = Scheduler {
+        engine: engine.clone(),
+        mcid,
+        tree,
+        todo,
+        inflight: HashMap::new(),
+        asked: HashMap::new(),
+        providers: HashMap::new(),
+        tries: HashMap::new(),
+        retries: cfg.retries,
+    };
+    if let Some(p) = first {
+        s.providers.entry(p).or_default();
+    }
+    for p in engine.peers() {
+        s.probe(&p);
+    }
+    let mut idle_rounds = 0u32;
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut last_retry = Instant::now();
+    let result = loop {
+        s.fill_window();
+        tokio::select! {
+            _ = cancel.cancelled() => break Err(Error::Cancelled),
+            _ = tick.tick() => {
+                if let Err(e) = s.expire() {
+                    break Err(e);
+                }
+                if last_retry.elapsed() >= cfg.retry_interval {
+                    last_retry = Instant::now();
+                    for p in s.providers.values_mut() {
+                        p.refused.clear();
+                    }
+                    if s.providers.is_empty() {
+                        idle_rounds += 1;
+                        if idle_rounds > cfg.retries {
+                            break Err(Error::Network(format!(
+                                "no connected peer provides {mcid} ({} retries)",
+                                cfg.retries
+                            )));
+                        }
+                        for p in engine.peers() {
+                            s.probe(&p);
+                        }
+                    } else {
+                        idle_rounds = 0;
+                    }
+                }
+            }
+            msg = inbound.recv() => match msg {
+                Some(Inbound::Delivery(peer, d)) => {
+                    let BlockAddress::Leaf { tree: t, index } = d.address else { continue };
+                    if t != tree {
+                        continue;
+                    }
+                    if !s.asked.get(&index).is_some_and(|a| a.contains(&peer)) {
+                        tracing::debug!(%peer, index, "block not requested from this peer");
+                        continue;
+                    }
+                    s.arrived(index);
+                    let Some(proof) = d.proof else {
+                        engine.penalise(&peer, "sent a leaf block without a proof");
+                        s.lost_peer(&peer, index);
+                        continue;
+                    };
+                    if to_writer.send((peer, index, d.cid, d.data, proof)).await.is_err() {
+                        break Err(Error::State("the download writer stopped".into()));
+                    }
+                }
+                Some(Inbound::Presence(peer, p)) => s.presence(peer, p.address, p.have),
+                Some(Inbound::PeerUp(peer)) => s.probe(&peer),
+                Some(Inbound::PeerDown(peer)) => s.peer_gone(&peer),
+                None => break Err(Error::State("the network is stopped".into())),
+            },
+            w = written.recv() => match w {
+                Some(Written::Block { peer, index, result }) => match result {
+                    Ok(()) => {
+                        s.asked.remove(&index);
+                        s.tries.remove(&index);
+                    }
+                    Err(Error::Corrupt { detail, .. }) => {
+                        engine.penalise(&peer, &detail);
+                        s.lost_peer(&peer, index);
+                    }
+                    Err(e) => break Err(e),
+                },
+                Some(Written::Committed { prefix, stored, complete }) => {
+                    state.send_modify(|st| {
+                        st.prefix = prefix;
+                        st.stored = stored;
+                    });
+                    if complete {
+                        break Ok(());
+                    }
+                }
+                None => break Err(Error::State("the download writer stopped".into())),
+            },
+        }
+    };
+    s.cancel_all();
+    drop(to_writer);
+    // The writer commits what it has and reports how it ended.
+    let joined = tokio::task::spawn_blocking(move || writer.join()).await;
+    if !matches!(joined, Ok(Ok(()))) {
+        tracing::error!(%mcid, "the download writer panicked");
+    }
+    state.send_modify(|st| match &result {
+        Ok(()) => {
+            st.done = true;
+            st.prefix = u64::MAX;
+        }
+        Err(e) => st.error = Some(e.to_string()),
+    });
+    result
+}
+
+struct Scheduler {
+    engine: Engine,
+    mcid: Cid,
+    tree: Cid,
+    /// Blocks neither held nor requested.
+    todo: BTreeSet<u64>,
+    inflight: HashMap<u64, Flight>,
+    /// Peers each outstanding block was asked of (late answers from them are accepted).
+    asked: HashMap<u64, Vec<PeerId>>,
+    providers: HashMap<PeerId, Provider>,
+    tries: HashMap<u64, u32>,
+    retries: u32,
+}
+
+impl Scheduler {
+    fn probe(&self, peer: &PeerId) {
+        self.engine.send(
+            peer,
+            wants(vec![want(BlockAddress::Cid(self.mcid), WantType::Have)]),
+        );
+    }
+
+    fn presence(&mut self, peer: PeerId, address: BlockAddress, have: bool) {
+        match address {
+            BlockAddress::Cid(c) if c == self.mcid && have => {
+                self.providers.entry(peer).or_default();
+            }
+            BlockAddress::Leaf { tree, index }
+                if tree == self.tree
+                    && !have
+                    && self.inflight.get(&index).is_some_and(|f| f.peer == peer) =>
+            {
+                self.inflight.remove(&index);
+                self.todo.insert(index);
+                if let Some(p) = self.providers.get_mut(&peer) {
+                    p.inflight = p.inflight.saturating_sub(1);
+                    p.refused.insert(index);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Requests blocks, in index order, spread over the providers with room.
+    fn fill_window(&mut self) {
+        if self.todo.is_empty() || self.providers.is_empty() {
+            return;
+        }
+        let mut batches: HashMap<PeerId, Vec<Entry>> = HashMap::new();
+        let mut peers: Vec<PeerId> = self.providers.keys().copied().collect();
+        peers.sort_by_key(|p| self.providers[p].inflight);
+        let mut progress = true;
+        while progress && self.inflight.len() < WINDOW && !self.todo.is_empty() {
+            progress = false;
+            for peer in &peers {
+                if self.inflight.len() >= WINDOW {
+                    break;
+                }
+                let Some(p) = self.providers.get_mut(peer) else {
+                    continue;
+                };
+                if p.inflight >= PER_PEER {
+                    continue;
+                }
+                let Some(index) = self.todo.iter().find(|i| !p.refused.contains(i)).copied() else {
+                    continue;
+                };
+                self.todo.remove(&index);
+                p.inflight += 1;
+                self.inflight.insert(
+                    index,
+                    Flight {
+                        peer: *peer,
+                        since: Instant::now(),
+                    },
+                );
+                self.asked.entry(index).or_default().push(*peer);
+                batches.entry(*peer).or_default().push(want(
+                    BlockAddress::Leaf {
+                        tree: self.tree,
+                        index,
+                    },
+                    WantType::Block,
+                ));
+                progress = true;
+            }
+        }
+        for (peer, entries) in batches {
+            if !self.engine.send(&peer, wants(entries.clone())) {
+                // Queue full or peer gone: put the blocks back for the next round.
+                for e in entries {
+                    if let BlockAddress::Leaf { index, .. } = e.address {
+                        self.undo(&peer, index);
+                    }
+                }
+            }
+        }
+    }
+
+    fn undo(&mut self, peer: &PeerId, index: u64) {
+        if self.inflight.remove(&index).is_some() {
+            self.todo.insert(index);
+            if let Some(p) = self.providers.get_mut(peer) {
+                p.inflight = p.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    fn arrived(&mut self, index: u64) {
+        if let Some(f) = self.inflight.remove(&index) {
+            if let Some(p) = self.providers.get_mut(&f.peer) {
+                p.inflight = p.inflight.saturating_sub(1);
+            }
+        }
+    }
+
+    /// A block from `peer` was bad: it goes back to be asked of someone else.
+    fn lost_peer(&mut self, peer: &PeerId, index: u64) {
+        self.peer_gone(peer);
+        if let Some(a) = self.asked.get_mut(&index) {
+            a.retain(|p| p != peer);
+        }
+        self.todo.insert(index);
+    }
+
+    fn peer_gone(&mut self, peer: &PeerId) {
+        self.providers.remove(peer);
+        let lost: Vec<u64> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.peer == *peer)
+            .map(|(i, _)| *i)
+            .collect();
+        for i in lost {
+            self.inflight.remove(&i);
+            self.todo.insert(i);
+        }
+    }
+
+    /// Requests that took too long go back to be asked again, of the least busy provider.
+    fn expire(&mut self) -> Result<()> {
+        let now = Instant::now();
+        let late: Vec<(u64, PeerId)> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| now.duration_since(f.since) >= REQUEST_TIMEOUT)
+            .map(|(i, f)| (*i, f.peer))
+            .collect();
+        for (index, peer) in late {
+            self.undo(&peer, index);
+            let tries = self.tries.entry(index).or_default();
+            *tries += 1;
+            if *tries > self.retries {
+                return Err(Error::Network(format!(
+                    "block {index} of {} not received after {} retries",
+                    self.mcid, self.retries
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells providers the outstanding requests are no longer wanted.
+    fn cancel_all(&mut self) {
+        let mut by_peer: HashMap<PeerId, Vec<Entry>> = HashMap::new();
+        for (index, f) in self.inflight.drain() {
+            let mut e = want(
+                BlockAddress::Leaf {
+                    tree: self.tree,
+                    index,
+                },
+                WantType::Block,
+            );
+            e.cancel = true;
+            e.send_dont_have = false;
+            by_peer.entry(f.peer).or_default().push(e);
+        }
+        for (peer, entries) in by_peer {
+            self.engine.send(&peer, wants(entries));
+        }
+    }
+}
+
+/// The writer thread: checks each block against its CID and proof, stores it, and commits
+/// in batches (at once when no block is waiting, so progress is visible promptly).
+fn write_blocks(
+    mut fill: TreeFill,
+    mut rx: mpsc::Receiver<(PeerId, u64, Cid, Bytes, Proof)>,
+    tx: mpsc::Sender<Written>,
+) {
+    let mut stored = (0..fill.leaves()).filter(|i| fill.has(*i)).count() as u64;
+    let mut prefix = 0u64;
+    let mut dirty = false;
+    loop {
+        let next = match rx.try_recv() {
+            Ok(item) => Some(item),
+            Err(mpsc::error::TryRecvError::Empty) => {
+                if dirty {
+                    dirty = false;
+                    if !commit(&mut fill, &mut prefix, stored, &tx) {
+                        return;
+                    }
+                    if fill.is_complete() {
+                        return;
+                    }
+                }
+                rx.blocking_recv()
+            }
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        let Some((peer, index, cid, data, proof)) = next else {
+            if dirty {
+                commit(&mut fill, &mut prefix, stored, &tx);
+            }
+            return;
+        };
+        let digest: Digest32 = Sha256::digest(&data).into();
+        let result = if cid.kind() != CidKind::Block || cid.digest() != digest {
+            Err(Error::Corrupt {
+                cid: cid.to_string(),
+                detail: format!("block {index} does not hash to its CID"),
+            })
+        } else if fill.has(index) {
+            Ok(())
+        } else {
+            fill.put(index, &data, digest, &proof).map(|()| {
+                stored += 1;
+                dirty = true;
+            })
+        };
+        if tx
+            .blocking_send(Written::Block {
+                peer,
+                index,
+                result,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+fn commit(fill: &mut TreeFill, prefix: &mut u64, stored: u64, tx: &mpsc::Sender<Written>) -> bool {
+    if let Err(e) = fill.flush() {
+        tracing::warn!(tree = %fill.tree_cid(), error = %e, "could not commit received blocks");
+        return false;
+    }
+    while *prefix < fill.leaves() && fill.has(*prefix) {
+        *prefix += 1;
+    }
+    tx.blocking_send(Written::Committed {
+        prefix: *prefix,
+        stored,
+        complete: fill.is_complete(),
+    })
+    .is_ok()
+}

@@ -1,0 +1,7 @@
+//! The node's network: libp2p host, block exchange.
+
+pub mod engine;
+pub mod fetch;
+pub mod host;
+pub mod message;
+pub mod spr;

@@ -59,6 +59,22 @@ enum Command {
         /// The dataset CID.
         cid: String,
     },
+    /// Run a node until stdin closes, answering one command per line on stdout (the node
+    /// program of the multi-node tests and benches). Prints `ready <json>` first; each
+    /// command gets one line, `ok <result>` or `err <message>`. Commands: `info`,
+    /// `connect <peer> <addr>`, `upload <file>`, `download <cid> <file>`, `fetch <cid>`,
+    /// `wait-fetch <cid>`, `exists <cid>`, `list`, `space`, `delete <cid>`, `quit`.
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+        listen: String,
+        /// A node to connect to at start (its `spr:` record).
+        #[arg(long)]
+        bootstrap: Vec<String>,
+        /// How many times a missing block is asked for again, 2 s apart.
+        #[arg(long, default_value_t = 3000)]
+        block_retries: u32,
+    },
     /// Run the demonstration (the default).
     Demo {
         /// Size of the generated file in MiB.
@@ -84,6 +100,11 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> Res<()> {
     match cli.command.unwrap_or(Command::Demo { size_mib: 256 }) {
         Command::Demo { size_mib } => demo(size_mib, cli.quota).await,
+        Command::Serve {
+            listen,
+            bootstrap,
+            block_retries,
+        } => serve(&cli.data_dir, cli.quota, listen, bootstrap, block_retries).await,
         command => {
             let node = open(&cli.data_dir, cli.quota).await?;
             let r = one(&node, command).await;
@@ -137,7 +158,7 @@ async fn one(node: &CodexNode, command: Command) -> Res<()> {
         Command::Delete { cid } => {
             node.delete(&parse_cid(&cid)?).await?;
         }
-        Command::Demo { .. } => unreachable!("handled by run"),
+        Command::Demo { .. } | Command::Serve { .. } => unreachable!("handled by run"),
     }
     Ok(())
 }
@@ -310,4 +331,112 @@ fn default_quota(dir: &Path) -> Res<u64> {
         u64::MAX
     };
     Ok((20u64 << 30).min(free / 10 * 9).max(1 << 20))
+}
+
+async fn serve(
+    dir: &Path,
+    quota: Option<u64>,
+    listen: String,
+    bootstrap: Vec<String>,
+    block_retries: u32,
+) -> Res<()> {
+    use tokio::io::AsyncBufReadExt;
+    std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let quota = match quota {
+        Some(q) => q,
+        None => default_quota(dir)?,
+    };
+    let mut cfg = CodexConfig::builder()
+        .data_dir(dir)
+        .storage_quota(quota)
+        .listen_addrs([listen])
+        .block_retries(block_retries);
+    for b in bootstrap {
+        cfg = cfg.bootstrap_node(b);
+    }
+    let node = CodexNode::new(cfg.build()?).await?;
+    node.start().await?;
+    let mut events = node.events();
+    let mut finished: Vec<codex::Event> = Vec::new();
+    println!("ready {}", info(&node).await?);
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = lines.next_line().await? {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"quit") {
+            break;
+        }
+        let answer = match words.as_slice() {
+            ["wait-fetch", cid] => {
+                let cid = cid.to_string();
+                let is_end = |e: &codex::Event| {
+                    (e.kind == "fetchCompleted" || e.kind == "fetchFailed")
+                        && e.json.get("cid").and_then(|c| c.as_str()) == Some(cid.as_str())
+                };
+                let mut end = finished.iter().find(|e| is_end(e)).cloned();
+                while end.is_none() {
+                    match events.next().await {
+                        Some(e) if is_end(&e) => end = Some(e),
+                        Some(e) => finished.push(e),
+                        None => break,
+                    }
+                }
+                match end {
+                    Some(e) if e.kind == "fetchCompleted" => Ok(cid),
+                    Some(e) => Err(e.json.to_string().into()),
+                    None => Err("the node stopped".into()),
+                }
+            }
+            words => serve_one(&node, words).await,
+        };
+        match answer {
+            Ok(text) => println!("ok {text}"),
+            Err(e) => println!("err {}", e.to_string().replace('\n', " ")),
+        }
+    }
+    node.destroy().await?;
+    Ok(())
+}
+
+async fn info(node: &CodexNode) -> Res<String> {
+    let debug = node.debug().await?;
+    Ok(serde_json::json!({
+        "peerId": debug.id,
+        "spr": debug.spr,
+        "addrs": debug.addrs,
+    })
+    .to_string())
+}
+
+async fn serve_one(node: &CodexNode, words: &[&str]) -> Res<String> {
+    Ok(match words {
+        ["info"] => info(node).await?,
+        ["connect", peer, addrs @ ..] => {
+            let addrs: Vec<String> = addrs.iter().map(|a| (*a).to_owned()).collect();
+            node.connect(peer, &addrs).await?;
+            String::new()
+        }
+        ["upload", file] => node.upload().file(file).await?.to_string(),
+        ["download", cid, out] => node
+            .download(&parse_cid(cid)?)
+            .await?
+            .to_file(out)
+            .await?
+            .to_string(),
+        ["fetch", cid] => serde_json::to_string(&node.fetch(&parse_cid(cid)?).await?)?,
+        ["exists", cid] => node.exists(&parse_cid(cid)?).await?.to_string(),
+        ["list"] => serde_json::to_string(
+            &node
+                .list()
+                .await?
+                .iter()
+                .map(|d| d.cid.to_string())
+                .collect::<Vec<_>>(),
+        )?,
+        ["space"] => serde_json::to_string(&node.space().await?)?,
+        ["delete", cid] => {
+            node.delete(&parse_cid(cid)?).await?;
+            String::new()
+        }
+        _ => return Err(format!("unknown command: {}", words.join(" ")).into()),
+    })
 }

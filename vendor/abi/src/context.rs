@@ -463,7 +463,7 @@ impl Context {
             Request::DownloadManifest(cid) => {
                 let cid = sync_try!(parse_cid(&cid));
                 self.answer(reply, move |n| async move {
-                    let m = n.manifest(cid).await.map_err(|e| e.to_string())?;
+                    let m = n.find_manifest(cid).await.map_err(|e| e.to_string())?;
                     json(&m.to_json())
                 });
             }

@@ -575,6 +575,14 @@ impl Node {
             }
             Err(e) => return Err(e),
         };
+        if let Some(f) = lock(&self.inner.fetches).get(&cid).and_then(Weak::upgrade) {
+            if f.state.borrow().error.is_none() {
+                return Ok(f);
+            }
+        }
+        // Registered before this returns: the manifest is then stored, and blocks are
+        // servable as they arrive.
+        let fill = self.blocking(move |s| s.fill(&cid, &manifest)).await?;
         let mut fetches = lock(&self.inner.fetches);
         if let Some(f) = fetches.get(&cid).and_then(Weak::upgrade) {
             if f.state.borrow().error.is_none() {
@@ -582,14 +590,12 @@ impl Node {
             }
         }
         let (state_tx, state) = watch::channel(FetchState::default());
-        let store = self.store()?;
         let task_cancel = cancel.clone();
         self.handle.spawn(async move {
             let job = fetch::DatasetJob {
                 engine,
-                store,
+                fill,
                 mcid: cid,
-                manifest,
                 first,
                 cfg,
             };
@@ -687,6 +693,26 @@ impl Node {
     /// The manifest of a stored dataset.
     pub async fn manifest(&self, cid: Cid) -> Result<Manifest> {
         self.blocking(move |s| s.manifest(&cid)).await
+    }
+
+    /// The manifest of a dataset: from the store, or else from connected peers (retrying as
+    /// `block-retries` says) when the node is started.
+    pub async fn find_manifest(&self, cid: Cid) -> Result<Manifest> {
+        match self.manifest(cid).await {
+            Err(Error::NotFound(what)) => {
+                let Ok(engine) = self.engine() else {
+                    return Err(Error::NotFound(what));
+                };
+                let cfg = self.fetch_config();
+                let cancel = self.inner.shutdown.child_token();
+                self.handle
+                    .spawn(async move { fetch::manifest(&engine, cid, cfg, &cancel).await })
+                    .await
+                    .map_err(|e| Error::State(format!("fetching the manifest: {e}")))?
+                    .map(|(m, _)| m)
+            }
+            r => r,
+        }
     }
 
     /// Every stored dataset.

@@ -8,7 +8,6 @@
 //! by its proof under the tree root. A peer that sends a bad block is dropped.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,7 +22,9 @@ use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
 use crate::merkle::Proof;
-use crate::store::{Store, TreeFill};
+#[cfg(doc)]
+use crate::store::Store;
+use crate::store::TreeFill;
 
 /// Blocks requested and not yet received, over all providers.
 const WINDOW: usize = 512;
@@ -157,6 +158,9 @@ pub struct FetchState {
     pub error: Option<String>,
 }
 
+/// A received block for the writer: who sent it, its index, CID, bytes and proof.
+type ToWrite = (PeerId, u64, Cid, Bytes, Proof);
+
 /// What the writer thread reports.
 enum Written {
     /// A block was checked and written, or refused.
@@ -190,12 +194,10 @@ struct Provider {
 pub struct DatasetJob {
     /// The block exchange to download through.
     pub engine: Engine,
-    /// Where the blocks go.
-    pub store: Arc<Store>,
+    /// The dataset, registered in the store ([`Store::fill`]).
+    pub fill: TreeFill,
     /// The dataset's manifest CID.
     pub mcid: Cid,
-    /// Its manifest.
-    pub manifest: Manifest,
     /// A peer known to provide it (the one that sent the manifest).
     pub first: Option<PeerId>,
     /// Retry settings.
@@ -211,18 +213,11 @@ pub async fn dataset(
 ) -> Result<()> {
     let DatasetJob {
         engine,
-        store,
+        fill,
         mcid,
-        manifest,
         first,
         cfg,
     } = job;
-    let fill = {
-        let store = Arc::clone(&store);
-        tokio::task::spawn_blocking(move || store.fill(&mcid, &manifest))
-            .await
-            .map_err(|e| Error::State(format!("opening the download: {e}")))??
-    };
     let tree = *fill.tree_cid();
     let todo: BTreeSet<u64> = (0..fill.leaves()).filter(|i| !fill.has(*i)).collect();
     let stored = fill.leaves() - todo.len() as u64;
@@ -266,11 +261,34 @@ pub async fn dataset(
     let mut idle_rounds = 0u32;
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut last_retry = Instant::now();
+    // Blocks received and not yet handed to the writer. Reading from peers pauses while
+    // any wait here, but the writer's reports are always read: neither side can block the
+    // other. At most the window's worth of blocks is ever held.
+    let mut backlog: std::collections::VecDeque<ToWrite> = std::collections::VecDeque::new();
     let result = loop {
         s.fill_window();
         tokio::select! {
+            permit = to_writer.reserve(), if !backlog.is_empty() => match permit {
+                Ok(permit) => {
+                    if let Some(item) = backlog.pop_front() {
+                        permit.send(item);
+                    }
+                }
+                Err(_) => break Err(Error::State("the download writer stopped".into())),
+            },
             _ = cancel.cancelled() => break Err(Error::Cancelled),
             _ = tick.tick() => {
+                // Peer events can be missed when this download's queue is full: check.
+                let connected: HashSet<PeerId> = engine.peers().into_iter().collect();
+                let gone: Vec<PeerId> = s
+                    .providers
+                    .keys()
+                    .filter(|p| !connected.contains(p))
+                    .copied()
+                    .collect();
+                for p in gone {
+                    s.peer_gone(&p);
+                }
                 if let Err(e) = s.expire() {
                     break Err(e);
                 }
@@ -295,7 +313,7 @@ pub async fn dataset(
                     }
                 }
             }
-            msg = inbound.recv() => match msg {
+            msg = inbound.recv(), if backlog.is_empty() => match msg {
                 Some(Inbound::Delivery(peer, d)) => {
                     let BlockAddress::Leaf { tree: t, index } = d.address else { continue };
                     if t != tree {
@@ -311,9 +329,7 @@ pub async fn dataset(
                         s.lost_peer(&peer, index);
                         continue;
                     };
-                    if to_writer.send((peer, index, d.cid, d.data, proof)).await.is_err() {
-                        break Err(Error::State("the download writer stopped".into()));
-                    }
+                    backlog.push_back((peer, index, d.cid, d.data, proof));
                 }
                 Some(Inbound::Presence(peer, p)) => s.presence(peer, p.address, p.have),
                 Some(Inbound::PeerUp(peer)) => s.probe(&peer),
@@ -547,11 +563,7 @@ impl Scheduler {
 
 /// The writer thread: checks each block against its CID and proof, stores it, and commits
 /// in batches (at once when no block is waiting, so progress is visible promptly).
-fn write_blocks(
-    mut fill: TreeFill,
-    mut rx: mpsc::Receiver<(PeerId, u64, Cid, Bytes, Proof)>,
-    tx: mpsc::Sender<Written>,
-) {
+fn write_blocks(mut fill: TreeFill, mut rx: mpsc::Receiver<ToWrite>, tx: mpsc::Sender<Written>) {
     let mut stored = (0..fill.leaves()).filter(|i| fill.has(*i)).count() as u64;
     let mut prefix = 0u64;
     let mut dirty = false;

@@ -36,11 +36,11 @@ const DELIVERY_BYTES: usize = 4 << 20;
 /// Messages queued for one peer's outbound stream.
 const OUT_QUEUE: usize = 8;
 
-/// Want lists queued for one peer's server task.
-const SERVE_QUEUE: usize = 64;
+/// Most want entries queued for one peer; beyond this its wants are dropped.
+const MAX_QUEUED: usize = 1 << 16;
 
-/// Most entries taken from one want list.
-const MAX_ENTRIES: usize = 4096;
+/// Entries answered per trip to the blocking pool.
+const SERVE_BATCH: usize = 256;
 
 /// How long a peer that sent bad data stays banned.
 const BAN: Duration = Duration::from_secs(600);
@@ -60,7 +60,15 @@ pub enum Inbound {
 
 struct Peer {
     out: mpsc::Sender<Message>,
-    serve: mpsc::Sender<Vec<Entry>>,
+    wants: Arc<Wants>,
+}
+
+/// A peer's want entries not answered yet, in arrival order. Cancels remove entries still
+/// queued, so a cancelled block is not sent.
+#[derive(Default)]
+struct Wants {
+    queue: Mutex<std::collections::VecDeque<Entry>>,
+    wake: tokio::sync::Notify,
 }
 
 struct Shared {
@@ -207,10 +215,16 @@ impl Engine {
             return;
         }
         let (out, out_rx) = mpsc::channel(OUT_QUEUE);
-        let (serve, serve_rx) = mpsc::channel(SERVE_QUEUE);
-        lock(&self.shared.peers).insert(peer, Peer { out, serve });
+        let wants = Arc::new(Wants::default());
+        lock(&self.shared.peers).insert(
+            peer,
+            Peer {
+                out,
+                wants: Arc::clone(&wants),
+            },
+        );
         tokio::spawn(self.clone().write(peer, out_rx));
-        tokio::spawn(self.clone().serve(peer, serve_rx));
+        tokio::spawn(self.clone().serve(peer, wants));
         self.broadcast(|| Inbound::PeerUp(peer));
     }
 
@@ -269,16 +283,23 @@ impl Engine {
             presences,
         } = msg;
         if !wantlist.entries.is_empty() {
-            let mut entries = wantlist.entries;
-            if entries.len() > MAX_ENTRIES {
-                tracing::debug!(%peer, n = entries.len(), "want list truncated");
-                entries.truncate(MAX_ENTRIES);
-            }
-            let serve = lock(&self.shared.peers).get(&peer).map(|p| p.serve.clone());
-            if let Some(serve) = serve {
-                if serve.try_send(entries).is_err() {
-                    tracing::debug!(%peer, "peer's want lists pile up; dropping one");
+            let wants = lock(&self.shared.peers)
+                .get(&peer)
+                .map(|p| Arc::clone(&p.wants));
+            if let Some(wants) = wants {
+                let mut queue = lock(&wants.queue);
+                for e in wantlist.entries {
+                    if e.cancel {
+                        queue.retain(|q| q.address != e.address);
+                    } else if queue.len() < MAX_QUEUED {
+                        queue.push_back(e);
+                    } else {
+                        tracing::debug!(%peer, "too many wants queued; dropping");
+                        break;
+                    }
                 }
+                drop(queue);
+                wants.wake.notify_one();
             }
         }
         for p in presences {
@@ -330,9 +351,20 @@ impl Engine {
         }
     }
 
-    /// Answers `peer`'s want lists in order, reading blocks on the blocking pool.
-    async fn serve(self, peer: PeerId, mut rx: mpsc::Receiver<Vec<Entry>>) {
-        while let Some(entries) = rx.recv().await {
+    /// Answers `peer`'s wants in order, reading blocks on the blocking pool.
+    async fn serve(self, peer: PeerId, wants: Arc<Wants>) {
+        loop {
+            let entries: Vec<Entry> = {
+                let mut queue = lock(&wants.queue);
+                let n = queue.len().min(SERVE_BATCH);
+                queue.drain(..n).collect()
+            };
+            if entries.is_empty() {
+                tokio::select! {
+                    _ = self.shared.stop.cancelled() => return,
+                    _ = wants.wake.notified() => continue,
+                }
+            }
             let out = lock(&self.shared.peers).get(&peer).map(|p| p.out.clone());
             let Some(out) = out else { return };
             let store = Arc::clone(&self.shared.store);

@@ -439,7 +439,9 @@ impl Scheduler {
                 let Some(p) = self.providers.get_mut(peer) else {
                     continue;
                 };
-                if p.inflight >= PER_PEER {
+                // Topped up in batches: a provider gets more once half its share came in.
+                let topping_up = batches.contains_key(peer);
+                if p.inflight >= PER_PEER || (p.inflight > PER_PEER / 2 && !topping_up) {
                     continue;
                 }
                 let Some(index) = self.todo.iter().find(|i| !p.refused.contains(i)).copied() else {

@@ -178,7 +178,12 @@ async fn bad_input_gets_clear_errors() {
     let unknown: Cid = "zDvZRwzm1ePSzKSXt57D5YxHwcSDmsCyYN65wW4HT7fuX9HrzFXy"
         .parse()
         .unwrap();
-    let e = node.download(&unknown).await.unwrap_err();
+    let e = node
+        .download_with(&unknown)
+        .local(true)
+        .start()
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("not found"), "{e}");
     assert!(!node.exists(&unknown).await.unwrap());
 

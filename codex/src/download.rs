@@ -87,14 +87,15 @@ impl DownloadBuilder {
         } = self;
         let inner = Arc::clone(&node.inner);
         let slot = inner.download_slot(&cid).await;
-        let manifest = node.manifest(&cid).await?;
         let (progress, _) = watch::channel(0);
         // Built before the session opens: if this future is dropped while the library opens
         // it, or opening fails, dropping `dl` cancels the session and frees the CID.
         let mut dl = Download {
             inner: Arc::clone(&inner),
             cid,
-            manifest,
+            // Read once the session is open: a network download has fetched it by then,
+            // and a local one fails fast without looking for it on the network.
+            manifest: Manifest::default(),
             next: None,
             received: 0,
             progress,
@@ -118,6 +119,7 @@ impl DownloadBuilder {
                 }
             })
             .await?;
+        dl.manifest = node.manifest(&dl.cid).await?;
         dl.next = Some(dl.request()?);
         Ok(dl)
     }

@@ -547,48 +547,37 @@ impl Node {
     /// Joins the download of dataset `cid` in progress, or starts one: the manifest from the
     /// store or from peers, then the blocks.
     async fn fetching(&self, cid: Cid) -> Result<Arc<Fetching>> {
-        if let Some(f) = lock(&self.inner.fetches).get(&cid).and_then(Weak::upgrade) {
-            if f.state.borrow().error.is_none() {
-                return Ok(f);
-            }
+        if let Some(f) = self.live_fetch(&cid) {
+            return Ok(f);
         }
         let Ok(engine) = self.engine() else {
             return Err(Error::NotFound(format!(
                 "dataset {cid} (the node is not started, so it cannot fetch it from peers)"
             )));
         };
-        let cfg = self.fetch_config();
-        let cancel = self.inner.shutdown.child_token();
         let (manifest, first) = match self.manifest(cid).await {
             Ok(m) => (m, None),
             Err(Error::NotFound(_)) => {
-                let (m, peer) = self
-                    .handle
-                    .spawn({
-                        let engine = engine.clone();
-                        let cancel = cancel.clone();
-                        async move { fetch::manifest(&engine, cid, cfg, &cancel).await }
-                    })
-                    .await
-                    .map_err(|e| Error::State(format!("fetching the manifest: {e}")))??;
+                let (m, peer) = self.manifest_from_peers(&engine, cid).await?;
                 (m, Some(peer))
             }
             Err(e) => return Err(e),
         };
-        if let Some(f) = lock(&self.inner.fetches).get(&cid).and_then(Weak::upgrade) {
-            if f.state.borrow().error.is_none() {
-                return Ok(f);
-            }
+        if let Some(f) = self.live_fetch(&cid) {
+            return Ok(f);
         }
         // Registered before this returns: the manifest is then stored, and blocks are
         // servable as they arrive.
         let fill = self.blocking(move |s| s.fill(&cid, &manifest)).await?;
+        // Checked once more under the lock the registration below holds.
         let mut fetches = lock(&self.inner.fetches);
         if let Some(f) = fetches.get(&cid).and_then(Weak::upgrade) {
             if f.state.borrow().error.is_none() {
                 return Ok(f);
             }
         }
+        let cfg = self.fetch_config();
+        let cancel = self.inner.shutdown.child_token();
         let (state_tx, state) = watch::channel(FetchState::default());
         let task_cancel = cancel.clone();
         self.handle.spawn(async move {
@@ -610,6 +599,26 @@ impl Node {
         fetches.retain(|_, w| w.strong_count() > 0);
         fetches.insert(cid, Arc::downgrade(&f));
         Ok(f)
+    }
+
+    /// The download of `cid` in progress, unless there is none or it failed.
+    fn live_fetch(&self, cid: &Cid) -> Option<Arc<Fetching>> {
+        lock(&self.inner.fetches)
+            .get(cid)
+            .and_then(Weak::upgrade)
+            .filter(|f| f.state.borrow().error.is_none())
+    }
+
+    /// Asks connected peers for the manifest `cid` (on the node's runtime, retrying as
+    /// `block-retries` says). Returns it with the peer that sent it.
+    async fn manifest_from_peers(&self, engine: &Engine, cid: Cid) -> Result<(Manifest, PeerId)> {
+        let engine = engine.clone();
+        let cfg = self.fetch_config();
+        let cancel = self.inner.shutdown.child_token();
+        self.handle
+            .spawn(async move { fetch::manifest(&engine, cid, cfg, &cancel).await })
+            .await
+            .map_err(|e| Error::State(format!("fetching the manifest: {e}")))?
     }
 
     fn fetch_config(&self) -> FetchConfig {
@@ -703,13 +712,7 @@ impl Node {
                 let Ok(engine) = self.engine() else {
                     return Err(Error::NotFound(what));
                 };
-                let cfg = self.fetch_config();
-                let cancel = self.inner.shutdown.child_token();
-                self.handle
-                    .spawn(async move { fetch::manifest(&engine, cid, cfg, &cancel).await })
-                    .await
-                    .map_err(|e| Error::State(format!("fetching the manifest: {e}")))?
-                    .map(|(m, _)| m)
+                self.manifest_from_peers(&engine, cid).await.map(|(m, _)| m)
             }
             r => r,
         }

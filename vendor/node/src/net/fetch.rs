@@ -410,10 +410,8 @@ impl Scheduler {
                     && !have
                     && self.inflight.get(&index).is_some_and(|f| f.peer == peer) =>
             {
-                self.inflight.remove(&index);
-                self.todo.insert(index);
+                self.undo(index);
                 if let Some(p) = self.providers.get_mut(&peer) {
-                    p.inflight = p.inflight.saturating_sub(1);
                     p.refused.insert(index);
                 }
             }
@@ -468,32 +466,38 @@ impl Scheduler {
             }
         }
         for (peer, entries) in batches {
-            if !self.engine.send(&peer, wants(entries.clone())) {
+            let indices: Vec<u64> = entries
+                .iter()
+                .filter_map(|e| match e.address {
+                    BlockAddress::Leaf { index, .. } => Some(index),
+                    BlockAddress::Cid(_) => None,
+                })
+                .collect();
+            if !self.engine.send(&peer, wants(entries)) {
                 // Queue full or peer gone: put the blocks back for the next round.
-                for e in entries {
-                    if let BlockAddress::Leaf { index, .. } = e.address {
-                        self.undo(&peer, index);
-                    }
+                for index in indices {
+                    self.undo(index);
                 }
             }
         }
     }
 
-    fn undo(&mut self, peer: &PeerId, index: u64) {
-        if self.inflight.remove(&index).is_some() {
+    /// An outstanding request goes back to be asked again.
+    fn undo(&mut self, index: u64) {
+        if self.arrived(index) {
             self.todo.insert(index);
-            if let Some(p) = self.providers.get_mut(peer) {
-                p.inflight = p.inflight.saturating_sub(1);
-            }
         }
     }
 
-    fn arrived(&mut self, index: u64) {
-        if let Some(f) = self.inflight.remove(&index) {
-            if let Some(p) = self.providers.get_mut(&f.peer) {
-                p.inflight = p.inflight.saturating_sub(1);
-            }
+    /// Ends the request for block `index`; false when none was outstanding.
+    fn arrived(&mut self, index: u64) -> bool {
+        let Some(f) = self.inflight.remove(&index) else {
+            return false;
+        };
+        if let Some(p) = self.providers.get_mut(&f.peer) {
+            p.inflight = p.inflight.saturating_sub(1);
         }
+        true
     }
 
     /// A block from `peer` was bad: it goes back to be asked of someone else.
@@ -522,14 +526,14 @@ impl Scheduler {
     /// Requests that took too long go back to be asked again, of the least busy provider.
     fn expire(&mut self) -> Result<()> {
         let now = Instant::now();
-        let late: Vec<(u64, PeerId)> = self
+        let late: Vec<u64> = self
             .inflight
             .iter()
             .filter(|(_, f)| now.duration_since(f.since) >= REQUEST_TIMEOUT)
-            .map(|(i, f)| (*i, f.peer))
+            .map(|(i, _)| *i)
             .collect();
-        for (index, peer) in late {
-            self.undo(&peer, index);
+        for index in late {
+            self.undo(index);
             let tries = self.tries.entry(index).or_default();
             *tries += 1;
             if *tries > self.retries {

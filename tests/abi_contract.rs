@@ -11,6 +11,9 @@
 //! never hangs. When a node is destroyed, [`TestNode::destroy`] checks the whole history
 //! of each of its requests: no callback lost, none duplicated, none after the terminal one.
 
+mod common;
+use common::pseudo_random as data;
+
 use std::ffi::{c_char, c_int, c_void, CString};
 use std::fmt;
 use std::fs;
@@ -678,20 +681,6 @@ impl Drop for TestNode {
             }
         }
     }
-}
-
-/// `n` pseudo-random bytes (xorshift), different for each `seed`.
-fn data(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(n + 8);
-    while out.len() < n {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(n);
-    out
 }
 
 fn field<'a>(v: &'a Value, key: &str) -> &'a Value {

@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed step should stop the test
 
+mod common;
+use common::pseudo_random;
+
 use std::future::IntoFuture;
 use std::time::Duration;
 
@@ -21,18 +24,6 @@ async fn node_in(dir: &std::path::Path, quota: u64) -> CodexNode {
     let node = CodexNode::new(cfg).await.unwrap();
     node.start().await.unwrap();
     node
-}
-
-fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

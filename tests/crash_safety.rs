@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed step should stop the test
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,15 +14,7 @@ use codex::{CodexConfig, CodexNode};
 const QUOTA: &str = "1073741824";
 
 fn write_random(path: &Path, size: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = common::pseudo_random(size, seed);
     std::fs::write(path, &data).unwrap();
     data
 }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed step should stop the test
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -75,6 +77,14 @@ impl NodeProc {
         self.ok(&format!("connect {} {}", other.peer_id, other.addr));
     }
 
+    /// Connects to `other` and downloads dataset `cid` from it in the background, waiting
+    /// until it is complete.
+    fn replicate(&mut self, other: &NodeProc, cid: &str) {
+        self.connect(other);
+        self.ok(&format!("fetch {cid}"));
+        self.ok(&format!("wait-fetch {cid}"));
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -96,15 +106,7 @@ impl Drop for NodeProc {
 }
 
 fn write_random(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let data = common::pseudo_random(len, seed);
     let path = dir.join(name);
     std::fs::write(&path, &data).unwrap();
     (path, data)
@@ -142,9 +144,7 @@ fn a_chain_serves_what_it_downloaded() {
     let mut b = NodeProc::start(&[]);
     let mut c = NodeProc::start(&[]);
     let cid = a.ok(&format!("upload {}", file.display()));
-    b.connect(&a);
-    b.ok(&format!("fetch {cid}"));
-    b.ok(&format!("wait-fetch {cid}"));
+    b.replicate(&a, &cid);
     a.kill();
     c.connect(&b);
     let out = tmp.path().join("out.bin");
@@ -161,9 +161,7 @@ fn a_download_from_two_providers_survives_losing_one() {
     let mut b = NodeProc::start(&[]);
     let mut c = NodeProc::start(&[]);
     let cid = a.ok(&format!("upload {}", file.display()));
-    b.connect(&a);
-    b.ok(&format!("fetch {cid}"));
-    b.ok(&format!("wait-fetch {cid}"));
+    b.replicate(&a, &cid);
     c.connect(&a);
     c.connect(&b);
     c.ok(&format!("fetch {cid}"));

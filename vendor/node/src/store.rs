@@ -18,7 +18,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -135,6 +135,13 @@ pub struct Store {
     used: AtomicU64,
     reserved: AtomicU64,
     trees: Mutex<Vec<(Cid, Arc<TreeEntry>)>>,
+    /// Bumped (under the `trees` lock) whenever a cached tree changes, so that an entry read
+    /// from the database before the change is never cached after it.
+    trees_changed: AtomicU64,
+    /// Trees with a [`TreeFill`] alive: one at a time per tree.
+    filling: Mutex<HashSet<Cid>>,
+    /// Signalled when a fill ends.
+    fill_ended: Condvar,
 }
 
 /// A tree opened for reading.
@@ -192,6 +199,9 @@ impl Store {
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
             trees: Mutex::new(Vec::new()),
+            trees_changed: AtomicU64::new(0),
+            filling: Mutex::new(HashSet::new()),
+            fill_ended: Condvar::new(),
         };
         store.recover()?;
         let used: i64 =
@@ -526,9 +536,30 @@ impl Store {
 
     /// Opens a tree for reading (cached), checking a complete tree's leaves against its CID.
     fn open_tree(&self, tree_cid: &Cid) -> Result<Arc<TreeEntry>> {
-        if let Some((_, e)) = lock(&self.trees).iter().find(|(c, _)| c == tree_cid) {
-            return Ok(Arc::clone(e));
+        loop {
+            let seen = {
+                let cache = lock(&self.trees);
+                if let Some((_, e)) = cache.iter().find(|(c, _)| c == tree_cid) {
+                    return Ok(Arc::clone(e));
+                }
+                self.trees_changed.load(Ordering::SeqCst)
+            };
+            let entry = self.read_tree(tree_cid)?;
+            let mut cache = lock(&self.trees);
+            if self.trees_changed.load(Ordering::SeqCst) != seen {
+                // A tree changed while this one was read: it may be stale; read again.
+                continue;
+            }
+            if cache.len() >= TREE_CACHE {
+                cache.remove(0);
+            }
+            cache.push((*tree_cid, Arc::clone(&entry)));
+            return Ok(entry);
         }
+    }
+
+    /// Reads a tree's metadata from the database and opens its file.
+    fn read_tree(&self, tree_cid: &Cid) -> Result<Arc<TreeEntry>> {
         let row: Option<(i64, i64, i64, Vec<u8>)> = lock(&self.db)
             .query_row(
                 "SELECT id, block_size, leaf_count, leaves FROM trees WHERE cid = ?1",
@@ -556,23 +587,20 @@ impl Store {
         };
         let path = self.tree_path(tree_cid);
         let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
-        let entry = Arc::new(TreeEntry {
+        Ok(Arc::new(TreeEntry {
             id,
             tree,
             leaf_count: leaf_count as u64,
             block_size: block_size as u64,
             file,
-        });
-        let mut cache = lock(&self.trees);
-        if cache.len() >= TREE_CACHE {
-            cache.remove(0);
-        }
-        cache.push((*tree_cid, Arc::clone(&entry)));
-        Ok(entry)
+        }))
     }
 
+    /// Drops a tree's cached entry after its metadata or file changed.
     fn forget_tree(&self, tree_cid: &Cid) {
-        lock(&self.trees).retain(|(c, _)| c != tree_cid);
+        let mut cache = lock(&self.trees);
+        cache.retain(|(c, _)| c != tree_cid);
+        self.trees_changed.fetch_add(1, Ordering::SeqCst);
     }
 
     /// The leaf digest of block `index` of a partial tree, and its proof, if held.
@@ -1985,6 +2013,33 @@ mod fill_tests {
         assert_eq!((space.quota_used_bytes, space.total_blocks), (0, 0));
         assert!(sb.list().unwrap().is_empty());
         assert_eq!(fs::read_dir(b.path().join("blocks")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_second_fill_of_a_tree_waits_for_the_first_to_end() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sa = open(a.path());
+        let bytes = data(4 * 4096, 5);
+        let (mcid, manifest) = upload(&sa, &bytes, 4096);
+        let sb = open(b.path());
+        let mut first = sb.fill(&mcid, &manifest).unwrap();
+        copy(&sa, &mut first, 0).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = {
+            let sb = Arc::clone(&sb);
+            let manifest = manifest.clone();
+            std::thread::spawn(move || {
+                let fill = sb.fill(&mcid, &manifest).unwrap();
+                tx.send(fill.missing()).unwrap();
+            })
+        };
+        // Still waiting while the first fill is alive...
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        copy(&sa, &mut first, 1).unwrap();
+        drop(first);
+        // ...and it then sees everything the first one received.
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), 2);
+        second.join().unwrap();
     }
 
     #[test]

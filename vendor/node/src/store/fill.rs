@@ -14,6 +14,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
@@ -26,8 +27,12 @@ use crate::merkle::{CodexTree, Proof};
 /// Blocks written before their metadata is committed in one transaction.
 const FLUSH_EVERY: usize = 64;
 
-/// A dataset being filled from the network. One per tree at a time (the node keeps it that
-/// way). Dropping it commits what was received and frees the unused reservation.
+/// How long [`Store::fill`] waits for an earlier fill of the same tree to end.
+const FILL_WAIT: Duration = Duration::from_secs(60);
+
+/// A dataset being filled from the network. One per tree at a time: a second
+/// [`Store::fill`] of the same tree waits for the first to be dropped. Dropping it commits
+/// what was received and frees the unused reservation.
 #[derive(Debug)]
 pub struct TreeFill {
     store: Arc<Store>,
@@ -46,6 +51,48 @@ pub struct TreeFill {
     pending: Vec<(u64, Digest32, Vec<u8>)>,
     reserved: u64,
     complete: bool,
+    /// Declared last: released after `Drop` has committed.
+    _slot: FillSlot,
+}
+
+/// The right to fill one tree, held by its [`TreeFill`].
+#[derive(Debug)]
+struct FillSlot {
+    store: Arc<Store>,
+    tree: Cid,
+}
+
+impl FillSlot {
+    /// Waits until no other fill of `tree` is alive, then takes the slot.
+    fn take(store: &Arc<Store>, tree: Cid) -> Result<Self> {
+        let deadline = std::time::Instant::now() + FILL_WAIT;
+        let mut filling = lock(&store.filling);
+        while filling.contains(&tree) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(Error::State(format!(
+                    "tree {tree} is still being filled by an earlier download"
+                )));
+            }
+            filling = store
+                .fill_ended
+                .wait_timeout(filling, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        filling.insert(tree);
+        Ok(Self {
+            store: Arc::clone(store),
+            tree,
+        })
+    }
+}
+
+impl Drop for FillSlot {
+    fn drop(&mut self) {
+        lock(&self.store.filling).remove(&self.tree);
+        self.store.fill_ended.notify_all();
+    }
 }
 
 impl Store {
@@ -70,6 +117,7 @@ impl Store {
         if tree_cid.kind() != CidKind::Tree || leaves == 0 {
             return Err(Error::Invalid(format!("manifest {mcid} names no tree")));
         }
+        let slot = FillSlot::take(self, tree_cid)?;
         let path = self.tree_path(&tree_cid);
         let expiry = self.expiry();
 
@@ -185,6 +233,7 @@ impl Store {
             pending: Vec::new(),
             reserved: missing * block_size,
             complete: missing == 0,
+            _slot: slot,
         })
     }
 }
@@ -234,12 +283,16 @@ impl TreeFill {
             return Ok(());
         }
         if data.len() as u64 != self.block_size {
-            return Err(Error::Invalid(format!(
-                "block {index} of {} has {} bytes, not {}",
-                self.tree_cid,
-                data.len(),
-                self.block_size
-            )));
+            // The sender's fault, not the caller's: the block is bad, the download goes on.
+            return Err(Error::Corrupt {
+                cid: Cid::from_digest(CidKind::Block, digest).to_string(),
+                detail: format!(
+                    "block {index} of {} has {} bytes, not {}",
+                    self.tree_cid,
+                    data.len(),
+                    self.block_size
+                ),
+            });
         }
         let root_ok = proof.index == index
             && proof.leaves == self.leaves
@@ -370,6 +423,11 @@ impl TreeFill {
             tx.execute("DELETE FROM partial WHERE tree_id = ?1", [self.tree_id])?;
         }
         tx.commit()?;
+        if missing <= 0 {
+            // Before the metadata lock goes: no reader can see the completed tree's rows
+            // while its partial entry is still cached.
+            store.forget_tree(&self.tree_cid);
+        }
         drop(db);
         store.used.fetch_add(added, Ordering::SeqCst);
         let done = pending.len() as u64 * self.block_size;
@@ -378,7 +436,6 @@ impl TreeFill {
         self.missing = missing.max(0) as u64;
         if missing <= 0 {
             self.complete = true;
-            store.forget_tree(&self.tree_cid);
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::host::{Host, PeerEvent};
 use super::message::{
-    read_message, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
+    read_message_within, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
     MAX_MESSAGE,
 };
 use crate::cid::{Cid, CidKind};
@@ -45,6 +45,17 @@ const SERVE_BATCH: usize = 256;
 /// How long a peer that sent bad data stays banned.
 const BAN: Duration = Duration::from_secs(600);
 
+/// Most inbound block exchange streams one peer may hold open (the protocol needs one).
+const MAX_INBOUND: usize = 4;
+
+/// How long a frame may take to arrive once it has started (a 100 MiB frame at under
+/// 1 MB/s is not a peer worth waiting for).
+const FRAME_TIME: Duration = Duration::from_secs(120);
+
+/// Blocks a peer may send that no download asked for (late answers to cancelled requests
+/// are normal) before it is dropped as a flooder.
+const MAX_UNREQUESTED: u32 = 4096;
+
 /// Something a peer sent that a download asked for, or a change in the peers.
 #[derive(Debug)]
 pub enum Inbound {
@@ -61,6 +72,8 @@ pub enum Inbound {
 struct Peer {
     out: mpsc::Sender<Message>,
     wants: Arc<Wants>,
+    /// Blocks received that no download wanted.
+    unrequested: u32,
 }
 
 /// A peer's want entries not answered yet, in arrival order. Cancels remove entries still
@@ -78,6 +91,8 @@ struct Shared {
     /// Downloads by the CID their blocks are addressed by (tree or manifest CID).
     routes: Mutex<HashMap<Cid, Vec<mpsc::Sender<Inbound>>>>,
     banned: Mutex<HashMap<PeerId, Instant>>,
+    /// Inbound streams open per peer.
+    inbound: Mutex<HashMap<PeerId, usize>>,
     stop: CancellationToken,
 }
 
@@ -130,6 +145,7 @@ impl Engine {
                 peers: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
                 banned: Mutex::new(HashMap::new()),
+                inbound: Mutex::new(HashMap::new()),
                 stop: CancellationToken::new(),
             }),
         };
@@ -144,7 +160,11 @@ impl Engine {
                             if e.is_banned(&peer) {
                                 continue;
                             }
-                            tokio::spawn(e.clone().read(peer, stream));
+                            let Some(guard) = InboundGuard::new(&e, peer) else {
+                                tracing::debug!(%peer, "too many inbound streams; refused one");
+                                continue;
+                            };
+                            tokio::spawn(e.clone().read(peer, stream, guard));
                         }
                         None => break,
                     },
@@ -197,6 +217,22 @@ impl Engine {
         self.peer_down(*peer);
     }
 
+    /// Drops a block from `peer` that nobody asked it for. A few are normal (answers to
+    /// requests cancelled meanwhile); a peer that keeps sending them is dropped, and then
+    /// this returns true.
+    pub fn unrequested(&self, peer: &PeerId) -> bool {
+        tracing::trace!(%peer, "unrequested block dropped");
+        let count = lock(&self.shared.peers).get_mut(peer).map_or(0, |p| {
+            p.unrequested += 1;
+            p.unrequested
+        });
+        if count > MAX_UNREQUESTED {
+            self.penalise(peer, "sends blocks nobody asked for");
+            return true;
+        }
+        false
+    }
+
     fn is_banned(&self, peer: &PeerId) -> bool {
         let mut banned = lock(&self.shared.banned);
         match banned.get(peer) {
@@ -221,6 +257,7 @@ impl Engine {
             Peer {
                 out,
                 wants: Arc::clone(&wants),
+                unrequested: 0,
             },
         );
         tokio::spawn(self.clone().write(peer, out_rx));
@@ -259,11 +296,11 @@ impl Engine {
     }
 
     /// Reads one inbound stream of `peer` until it ends, acting on every message.
-    async fn read(self, peer: PeerId, mut stream: libp2p::Stream) {
+    async fn read(self, peer: PeerId, mut stream: libp2p::Stream, _guard: InboundGuard) {
         loop {
             let msg = tokio::select! {
                 _ = self.shared.stop.cancelled() => return,
-                m = read_message(&mut stream, MAX_MESSAGE) => m,
+                m = read_message_within(&mut stream, MAX_MESSAGE, FRAME_TIME) => m,
             };
             match msg {
                 Ok(Some(msg)) => self.handle(peer, msg).await,
@@ -310,7 +347,10 @@ impl Engine {
         for d in deliveries {
             let routes = self.routes_for(&d.address);
             if routes.is_empty() {
-                tracing::trace!(%peer, "unrequested block dropped");
+                if self.unrequested(&peer) {
+                    return;
+                }
+                continue;
             }
             let last = routes.len().saturating_sub(1);
             let mut d = Some(d);
@@ -371,6 +411,40 @@ impl Engine {
             let done = tokio::task::spawn_blocking(move || answer(&store, entries, &out)).await;
             if !matches!(done, Ok(true)) {
                 return;
+            }
+        }
+    }
+}
+
+/// Counts one inbound stream of a peer while it is open.
+struct InboundGuard {
+    engine: Engine,
+    peer: PeerId,
+}
+
+impl InboundGuard {
+    /// `None` when `peer` already has [`MAX_INBOUND`] streams open.
+    fn new(engine: &Engine, peer: PeerId) -> Option<Self> {
+        let mut inbound = lock(&engine.shared.inbound);
+        let n = inbound.entry(peer).or_default();
+        if *n >= MAX_INBOUND {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            engine: engine.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for InboundGuard {
+    fn drop(&mut self) {
+        let mut inbound = lock(&self.engine.shared.inbound);
+        if let Some(n) = inbound.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                inbound.remove(&self.peer);
             }
         }
     }

@@ -320,7 +320,7 @@ pub async fn dataset(
                         continue;
                     }
                     if !s.asked.get(&index).is_some_and(|a| a.contains(&peer)) {
-                        tracing::debug!(%peer, index, "block not requested from this peer");
+                        engine.unrequested(&peer);
                         continue;
                     }
                     s.arrived(index);

@@ -527,19 +527,56 @@ pub async fn read_message<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> io::Result<Option<Message>> {
-    let max = max.min(MAX_MESSAGE);
-    let mut len: u64 = 0;
-    let mut i = 0;
+    match read_byte(r).await? {
+        None => Ok(None),
+        Some(first) => read_rest(r, first, max).await.map(Some),
+    }
+}
+
+/// [`read_message`], except that a frame, once its first byte has arrived, must arrive
+/// whole within `frame_time`: a peer cannot hold a half-sent frame (and its buffer) open
+/// forever. Waiting for a frame to start has no limit. A late frame is a `TimedOut` error.
+///
+/// # Cancel safety
+///
+/// Not cancel safe, as [`read_message`].
+pub async fn read_message_within<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    frame_time: std::time::Duration,
+) -> io::Result<Option<Message>> {
+    let Some(first) = read_byte(r).await? else {
+        return Ok(None);
+    };
+    match tokio::time::timeout(frame_time, read_rest(r, first, max)).await {
+        Ok(r) => r.map(Some),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("a frame took longer than {frame_time:?} to arrive"),
+        )),
+    }
+}
+
+/// The next byte of `r`, or `None` at the end of the stream.
+async fn read_byte<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<u8>> {
+    let mut byte = [0u8; 1];
     loop {
-        let mut byte = [0u8; 1];
         match r.read(&mut byte).await {
-            Ok(0) if i == 0 => return Ok(None),
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(byte[0])),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         }
-        let b = byte[0];
+    }
+}
+
+/// The rest of a frame whose first byte was `first`.
+async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: u8, max: usize) -> io::Result<Message> {
+    let max = max.min(MAX_MESSAGE);
+    let mut len: u64 = 0;
+    let mut b = first;
+    let mut i = 0;
+    loop {
         if i == 9 && b > 1 {
             return Err(invalid("frame length overflows 64 bits"));
         }
@@ -551,19 +588,21 @@ pub async fn read_message<R: AsyncRead + Unpin>(
         if i == 10 {
             return Err(invalid("frame length varint too long"));
         }
+        b = read_byte(r)
+            .await?
+            .ok_or(io::Error::from(io::ErrorKind::UnexpectedEof))?;
     }
     let len = usize::try_from(len)
         .ok()
         .filter(|&l| l <= max)
         .ok_or_else(|| invalid(format!("frame of {len} bytes exceeds the {max}-byte limit")))?;
-    let mut buf = Vec::with_capacity(len.min(1 << 20));
+    // The buffer grows with the bytes that actually arrive, not with the announced length.
+    let mut buf = Vec::with_capacity(len.min(64 << 10));
     r.take(len as u64).read_to_end(&mut buf).await?;
     if buf.len() < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Message::decode_bytes(Bytes::from(buf))
-        .map(Some)
-        .map_err(invalid)
+    Message::decode_bytes(Bytes::from(buf)).map_err(invalid)
 }
 
 /// Writes `msg` to `w` as one frame and flushes.
@@ -1157,5 +1196,48 @@ mod tests {
             Some(Message::default())
         );
         assert_eq!(read(&[], MAX_MESSAGE).await.unwrap(), None);
+    }
+
+    /// A reader that yields `bytes`, then stalls forever.
+    struct Stall(futures::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for Stall {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            match Pin::new(&mut self.0).poll_read(cx, buf) {
+                Poll::Ready(Ok(0)) => Poll::Pending,
+                other => other,
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_half_sent_frame_times_out_but_an_idle_stream_does_not() {
+        let limit = std::time::Duration::from_millis(50);
+        let framed = frame(&sample());
+        // Whole frames arrive in time.
+        let mut r = Stall(futures::io::Cursor::new(framed.clone()));
+        assert_eq!(
+            read_message_within(&mut r, MAX_MESSAGE, limit)
+                .await
+                .unwrap(),
+            Some(sample())
+        );
+        // A frame that stops half-way is given up.
+        let mut r = Stall(futures::io::Cursor::new(
+            framed[..framed.len() / 2].to_vec(),
+        ));
+        let err = read_message_within(&mut r, MAX_MESSAGE, limit)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Waiting for a frame to start is not limited.
+        let mut r = Stall(futures::io::Cursor::new(Vec::new()));
+        let idle =
+            tokio::time::timeout(limit * 4, read_message_within(&mut r, MAX_MESSAGE, limit)).await;
+        assert!(idle.is_err(), "an idle stream must not time out");
     }
 }

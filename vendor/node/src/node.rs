@@ -483,10 +483,13 @@ impl Node {
                 if let Some(progress) = progress.as_mut() {
                     // Read only what the download has stored.
                     let at = reader.position();
-                    let ready = progress
-                        .wait_for(|st| st.prefix > at || st.error.is_some())
-                        .await
-                        .map(|st| (st.prefix, st.error.clone()));
+                    // A reader that goes away while blocks are awaited ends the download.
+                    let ready = tokio::select! {
+                        r = progress.wait_for(|st| st.prefix > at || st.error.is_some()) => {
+                            r.map(|st| (st.prefix, st.error.clone()))
+                        }
+                        _ = tx.closed() => break,
+                    };
                     match ready {
                         Ok((prefix, None)) => {
                             batch = batch.min((prefix - at).min(READ_BATCH as u64) as usize);

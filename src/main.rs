@@ -62,8 +62,10 @@ enum Command {
     /// Run a node until stdin closes, answering one command per line on stdout (the node
     /// program of the multi-node tests and benches). Prints `ready <json>` first; each
     /// command gets one line, `ok <result>` or `err <message>`. Commands: `info`,
-    /// `connect <peer> <addr>`, `upload <file>`, `download <cid> <file>`, `fetch <cid>`,
-    /// `wait-fetch <cid>`, `exists <cid>`, `list`, `space`, `delete <cid>`, `quit`.
+    /// `connect <peer> <addr>`, `peer <peer>` (fails unless connected), `upload <file>`, `download <cid> <file>`,
+    /// `download-part <cid> <bytes>` (reads at least that much, then drops the download),
+    /// `fetch <cid>`, `wait-fetch <cid>`, `exists <cid>`, `list`, `space`, `delete <cid>`,
+    /// `quit`.
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
@@ -415,6 +417,7 @@ async fn serve_one(node: &CodexNode, words: &[&str]) -> Res<String> {
             node.connect(peer, &addrs).await?;
             String::new()
         }
+        ["peer", peer] => serde_json::to_string(&node.peer_debug(peer).await?)?,
         ["upload", file] => node.upload().file(file).await?.to_string(),
         ["download", cid, out] => node
             .download(&parse_cid(cid)?)
@@ -422,6 +425,20 @@ async fn serve_one(node: &CodexNode, words: &[&str]) -> Res<String> {
             .to_file(out)
             .await?
             .to_string(),
+        ["download-part", cid, bytes] => {
+            let want: u64 = bytes.parse()?;
+            let mut download = node.download(&parse_cid(cid)?).await?;
+            let mut got = 0u64;
+            while got < want {
+                match download.next().await {
+                    Some(chunk) => got += chunk?.len() as u64,
+                    None => break,
+                }
+            }
+            // Dropping the download cancels it.
+            drop(download);
+            got.to_string()
+        }
         ["fetch", cid] => serde_json::to_string(&node.fetch(&parse_cid(cid)?).await?)?,
         ["exists", cid] => node.exists(&parse_cid(cid)?).await?.to_string(),
         ["list"] => serde_json::to_string(

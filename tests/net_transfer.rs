@@ -6,116 +6,12 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+#[path = "common/node.rs"]
+mod node;
+
 use std::time::{Duration, Instant};
 
-struct NodeProc {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    peer_id: String,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl NodeProc {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_codex-cli"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--quota", &(2u64 << 30).to_string(), "serve"])
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line).unwrap();
-        let info: serde_json::Value = serde_json::from_str(
-            line.strip_prefix("ready ")
-                .unwrap_or_else(|| panic!("{line}")),
-        )
-        .unwrap();
-        let addr = info["addrs"][0].as_str().unwrap().to_owned();
-        assert!(addr.starts_with("/ip4/127.0.0.1/tcp/"), "{addr}");
-        Self {
-            child,
-            stdin,
-            stdout,
-            peer_id: info["peerId"].as_str().unwrap().to_owned(),
-            addr,
-            _dir: dir,
-        }
-    }
-
-    fn cmd(&mut self, line: &str) -> Result<String, String> {
-        writeln!(self.stdin, "{line}").unwrap();
-        self.stdin.flush().unwrap();
-        let mut out = String::new();
-        self.stdout.read_line(&mut out).unwrap();
-        let out = out.trim_end();
-        if let Some(ok) = out.strip_prefix("ok") {
-            Ok(ok.trim_start().to_owned())
-        } else if let Some(err) = out.strip_prefix("err ") {
-            Err(err.to_owned())
-        } else {
-            panic!("node said {out:?} to {line:?}")
-        }
-    }
-
-    fn ok(&mut self, line: &str) -> String {
-        self.cmd(line).unwrap_or_else(|e| panic!("{line}: {e}"))
-    }
-
-    fn connect(&mut self, other: &NodeProc) {
-        self.ok(&format!("connect {} {}", other.peer_id, other.addr));
-    }
-
-    /// Connects to `other` and downloads dataset `cid` from it in the background, waiting
-    /// until it is complete.
-    fn replicate(&mut self, other: &NodeProc, cid: &str) {
-        self.connect(other);
-        self.ok(&format!("fetch {cid}"));
-        self.ok(&format!("wait-fetch {cid}"));
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for NodeProc {
-    fn drop(&mut self) {
-        let _ = writeln!(self.stdin, "quit");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-    }
-}
-
-fn write_random(dir: &Path, name: &str, len: usize, seed: u64) -> (PathBuf, Vec<u8>) {
-    let data = common::pseudo_random(len, seed);
-    let path = dir.join(name);
-    std::fs::write(&path, &data).unwrap();
-    (path, data)
-}
-
-fn space_used(node: &mut NodeProc) -> u64 {
-    let space: serde_json::Value = serde_json::from_str(&node.ok("space")).unwrap();
-    space["quotaUsedBytes"].as_u64().unwrap()
-}
+use node::{space_used, write_random, NodeProc};
 
 #[test]
 fn two_nodes_transfer_a_dataset_by_cid() {
@@ -200,4 +96,40 @@ fn a_cid_nobody_has_fails_after_the_retries() {
     // Both nodes are still healthy.
     assert_eq!(a.ok(&format!("exists {cid}")), "false");
     assert_eq!(b.ok("list"), "[]");
+}
+
+#[test]
+fn cancelling_a_network_download_leaves_both_nodes_healthy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let size = 256 << 20;
+    let (file, data) = write_random(tmp.path(), "data.bin", size, 4);
+    let mut a = NodeProc::start(&[]);
+    let mut c = NodeProc::start(&[]);
+    let cid = a.ok(&format!("upload {}", file.display()));
+    c.connect(&a);
+    // Read the first 4 MiB through the safe API, then drop the download.
+    let got: usize = c
+        .ok(&format!("download-part {cid} {}", 4 << 20))
+        .parse()
+        .unwrap();
+    assert!((4 << 20..size).contains(&got), "{got}");
+    // The download stops: what C holds stops growing, short of the whole dataset.
+    std::thread::sleep(Duration::from_millis(500));
+    let held = space_used(&mut c);
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(space_used(&mut c), held, "the cancelled download went on");
+    assert!(held < size as u64, "finished before it was cancelled");
+    assert_eq!(c.ok(&format!("exists {cid}")), "false");
+
+    // A still serves: a new node downloads everything from it.
+    let mut d = NodeProc::start(&[]);
+    d.connect(&a);
+    let out = tmp.path().join("d.bin");
+    d.ok(&format!("download {cid} {}", out.display()));
+    assert!(std::fs::read(&out).unwrap() == data);
+    // C resumes from what it kept and ends with the same bytes.
+    let out = tmp.path().join("c.bin");
+    c.ok(&format!("download {cid} {}", out.display()));
+    assert!(std::fs::read(&out).unwrap() == data);
+    assert_eq!(space_used(&mut c), space_used(&mut a));
 }

@@ -90,6 +90,15 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The node's own log (RUST_LOG, default warnings), on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -27,7 +27,11 @@ impl NodeProc {
             .arg(dir.path())
             .args(["--quota", &(2u64 << 30).to_string(), "serve"])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            // TEST_NODE_LOG=debug shows what the node processes log.
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

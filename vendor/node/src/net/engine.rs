@@ -526,7 +526,8 @@ fn read(store: &Store, address: &BlockAddress) -> Option<Delivery> {
     };
     match r {
         Ok(d) => Some(d),
-        Err(Error::NotFound(_)) => None,
+        // Not held, or an address that cannot exist (the peer's mistake, not ours).
+        Err(Error::NotFound(_) | Error::Invalid(_)) => None,
         Err(e) => {
             tracing::warn!(?address, error = %e, "cannot serve block");
             None

@@ -695,23 +695,29 @@ impl Store {
     /// Block `index` of a tree with its inclusion proof, as the block exchange serves it.
     /// The block is verified against its leaf before it is returned.
     pub fn leaf(&self, tree_cid: &Cid, index: u64) -> Result<(Bytes, Proof)> {
+        self.leaf_block(tree_cid, index)
+            .map(|(_, data, proof)| (data, proof))
+    }
+
+    /// [`Store::leaf`] with the block's CID (known from its leaf, so not hashed again).
+    pub fn leaf_block(&self, tree_cid: &Cid, index: u64) -> Result<(Cid, Bytes, Proof)> {
         if tree_cid.kind() != CidKind::Tree {
             return Err(Error::Invalid(format!("{tree_cid} is not a tree CID")));
         }
         let entry = self.open_tree(tree_cid)?;
-        match &entry.tree {
-            Some(tree) => {
-                let proof = tree.proof(index)?;
-                Ok((self.read_leaf(tree_cid, &entry, index)?, proof))
-            }
+        let absent = || Error::NotFound(format!("block {index} of tree {tree_cid}"));
+        let (leaf, proof) = match &entry.tree {
+            Some(tree) => (
+                *tree.leaves().get(index as usize).ok_or_else(absent)?,
+                tree.proof(index)?,
+            ),
             None => {
-                let (leaf, proof) = self
-                    .partial_leaf(&entry, index)?
-                    .ok_or_else(|| Error::NotFound(format!("block {index} of tree {tree_cid}")))?;
-                let proof = Proof::decode(&proof)?;
-                Ok((self.read_verified(tree_cid, &entry, index, &leaf)?, proof))
+                let (leaf, proof) = self.partial_leaf(&entry, index)?.ok_or_else(absent)?;
+                (leaf, Proof::decode(&proof)?)
             }
-        }
+        };
+        let data = self.read_verified(tree_cid, &entry, index, &leaf)?;
+        Ok((Cid::from_digest(CidKind::Block, leaf), data, proof))
     }
 
     /// The manifest of a dataset.

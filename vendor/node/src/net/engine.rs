@@ -20,7 +20,7 @@ use super::message::{
     read_message_within, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
     MAX_MESSAGE,
 };
-use crate::cid::{Cid, CidKind};
+use crate::cid::Cid;
 use crate::error::Error;
 use crate::store::{lock, Store};
 
@@ -516,12 +516,14 @@ fn read(store: &Store, address: &BlockAddress) -> Option<Delivery> {
             proof: None,
         }),
         BlockAddress::Leaf { tree, index } => {
-            store.leaf(tree, *index).map(|(data, proof)| Delivery {
-                cid: Cid::hash_of(CidKind::Block, &data),
-                data,
-                address: *address,
-                proof: Some(proof),
-            })
+            store
+                .leaf_block(tree, *index)
+                .map(|(cid, data, proof)| Delivery {
+                    cid,
+                    data,
+                    address: *address,
+                    proof: Some(proof),
+                })
         }
     };
     match r {

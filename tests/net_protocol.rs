@@ -15,7 +15,7 @@ mod peer;
 use std::time::Duration;
 
 use codex_node::net::message::{
-    frame, write_message, BlockAddress, Delivery, Entry, Message, WantList, WantType,
+    frame, write_message, BlockAddress, Delivery, Entry, Message, WantType,
 };
 use codex_node::{Cid, CidKind, Manifest, PeerId};
 use futures::AsyncWriteExt;
@@ -25,26 +25,6 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 const BLOCK: usize = codex_node::DEFAULT_BLOCK_SIZE;
-
-fn want(address: BlockAddress, want_type: WantType) -> Entry {
-    Entry {
-        address,
-        priority: 0,
-        cancel: false,
-        want_type,
-        send_dont_have: true,
-    }
-}
-
-fn wants(entries: Vec<Entry>) -> Message {
-    Message {
-        wantlist: WantList {
-            entries,
-            full: false,
-        },
-        ..Message::default()
-    }
-}
 
 /// Collects what `from` sends until `done` says the answers are complete (10 s at most).
 async fn answers(
@@ -93,7 +73,7 @@ async fn fetch_one(
     let mut s = peer.open(node).await;
     write_message(
         &mut s,
-        &wants(vec![want(BlockAddress::Cid(mcid), WantType::Block)]),
+        &Message::wants(vec![Entry::want(BlockAddress::Cid(mcid), WantType::Block)]),
     )
     .await
     .unwrap();
@@ -104,9 +84,12 @@ async fn fetch_one(
         tree: manifest.tree_cid,
         index,
     };
-    write_message(&mut s, &wants(vec![want(address, WantType::Block)]))
-        .await
-        .unwrap();
+    write_message(
+        &mut s,
+        &Message::wants(vec![Entry::want(address, WantType::Block)]),
+    )
+    .await
+    .unwrap();
     let got = answers(inbox, node, |m| !m.deliveries.is_empty()).await;
     let d = &got.deliveries[0];
     assert_eq!(d.address, address);
@@ -144,15 +127,15 @@ async fn a_live_node_answers_wants_with_presences_and_proven_blocks() {
         index: 17,
     };
     let mut s = peer.open(node).await;
-    let mut quiet = want(BlockAddress::Cid(unknown), WantType::Have);
+    let mut quiet = Entry::want(BlockAddress::Cid(unknown), WantType::Have);
     quiet.send_dont_have = false;
     write_message(
         &mut s,
-        &wants(vec![
+        &Message::wants(vec![
             quiet,
-            want(BlockAddress::Cid(mcid), WantType::Have),
-            want(BlockAddress::Cid(unknown), WantType::Have),
-            want(beyond, WantType::Block),
+            Entry::want(BlockAddress::Cid(mcid), WantType::Have),
+            Entry::want(BlockAddress::Cid(unknown), WantType::Have),
+            Entry::want(beyond, WantType::Block),
         ]),
     )
     .await
@@ -179,14 +162,14 @@ async fn a_live_node_answers_wants_with_presences_and_proven_blocks() {
         tree: manifest.tree_cid,
         index: 1,
     };
-    let mut cancel = want(first, WantType::Block);
+    let mut cancel = Entry::want(first, WantType::Block);
     cancel.cancel = true;
     write_message(
         &mut s,
-        &wants(vec![
-            want(first, WantType::Block),
+        &Message::wants(vec![
+            Entry::want(first, WantType::Block),
             cancel,
-            want(second, WantType::Block),
+            Entry::want(second, WantType::Block),
         ]),
     )
     .await
@@ -214,7 +197,7 @@ async fn stream_dropped(
     mut s: libp2p::Stream,
     mcid: Cid,
 ) {
-    let ask = wants(vec![want(BlockAddress::Cid(mcid), WantType::Have)]);
+    let ask = Message::wants(vec![Entry::want(BlockAddress::Cid(mcid), WantType::Have)]);
     // The write may fail (the reset arrived) or vanish; either way no answer comes.
     let _ = write_message(&mut s, &ask).await;
     let quiet = tokio::time::timeout(Duration::from_secs(1), inbox.recv()).await;
@@ -258,15 +241,21 @@ async fn bad_frames_lose_their_stream_and_nothing_else() {
         tree: mcid,
         index: u64::MAX,
     };
-    write_message(&mut s, &wants(vec![want(odd, WantType::Block)]))
-        .await
-        .unwrap();
+    write_message(
+        &mut s,
+        &Message::wants(vec![Entry::want(odd, WantType::Block)]),
+    )
+    .await
+    .unwrap();
     let got = answers(&mut inbox, node, |m| !m.presences.is_empty()).await;
     assert!(!got.presences[0].have);
 
     // Half a frame, then the connection goes away.
     let mut s = bad.open(node).await;
-    let framed = frame(&wants(vec![want(BlockAddress::Cid(mcid), WantType::Block)]));
+    let framed = frame(&Message::wants(vec![Entry::want(
+        BlockAddress::Cid(mcid),
+        WantType::Block,
+    )]));
     s.write_all(&framed[..framed.len() / 2]).await.unwrap();
     s.flush().await.unwrap();
     bad.host.disconnect(node);
@@ -293,10 +282,12 @@ async fn silent_flooding_and_spamming_peers_do_not_hurt_the_node() {
         let entries = (0..5_000u64)
             .map(|i| {
                 let cid = Cid::hash_of(CidKind::Block, &(round * 5_000 + i).to_le_bytes());
-                want(BlockAddress::Cid(cid), WantType::Block)
+                Entry::want(BlockAddress::Cid(cid), WantType::Block)
             })
             .collect();
-        write_message(&mut s, &wants(entries)).await.unwrap();
+        write_message(&mut s, &Message::wants(entries))
+            .await
+            .unwrap();
     }
     still_serves(&mut a, mcid, &data).await;
     let grown = a.rss_kib().saturating_sub(rss_before);

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, Inbound};
-use super::message::{BlockAddress, Entry, Message, WantList, WantType};
+use super::message::{BlockAddress, Entry, Message, WantType};
 use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -57,26 +57,6 @@ impl Default for FetchConfig {
     }
 }
 
-fn want(address: BlockAddress, want_type: WantType) -> Entry {
-    Entry {
-        address,
-        priority: 0,
-        cancel: false,
-        want_type,
-        send_dont_have: true,
-    }
-}
-
-fn wants(entries: Vec<Entry>) -> Message {
-    Message {
-        wantlist: WantList {
-            entries,
-            full: false,
-        },
-        ..Message::default()
-    }
-}
-
 /// Fetches the manifest `mcid` from connected peers. Returns it and the peer that sent it.
 pub async fn manifest(
     engine: &Engine,
@@ -94,7 +74,7 @@ pub async fn manifest(
     let ask = |peer: &PeerId| {
         engine.send(
             peer,
-            wants(vec![want(BlockAddress::Cid(mcid), WantType::Block)]),
+            Message::wants(vec![Entry::want(BlockAddress::Cid(mcid), WantType::Block)]),
         );
     };
     let mut asked = 0usize;
@@ -396,7 +376,10 @@ impl Scheduler {
     fn probe(&self, peer: &PeerId) {
         self.engine.send(
             peer,
-            wants(vec![want(BlockAddress::Cid(self.mcid), WantType::Have)]),
+            Message::wants(vec![Entry::want(
+                BlockAddress::Cid(self.mcid),
+                WantType::Have,
+            )]),
         );
     }
 
@@ -455,7 +438,7 @@ impl Scheduler {
                     },
                 );
                 self.asked.entry(index).or_default().push(*peer);
-                batches.entry(*peer).or_default().push(want(
+                batches.entry(*peer).or_default().push(Entry::want(
                     BlockAddress::Leaf {
                         tree: self.tree,
                         index,
@@ -473,7 +456,7 @@ impl Scheduler {
                     BlockAddress::Cid(_) => None,
                 })
                 .collect();
-            if !self.engine.send(&peer, wants(entries)) {
+            if !self.engine.send(&peer, Message::wants(entries)) {
                 // Queue full or peer gone: put the blocks back for the next round.
                 for index in indices {
                     self.undo(index);
@@ -550,7 +533,7 @@ impl Scheduler {
     fn cancel_all(&mut self) {
         let mut by_peer: HashMap<PeerId, Vec<Entry>> = HashMap::new();
         for (index, f) in self.inflight.drain() {
-            let mut e = want(
+            let mut e = Entry::want(
                 BlockAddress::Leaf {
                     tree: self.tree,
                     index,
@@ -562,7 +545,7 @@ impl Scheduler {
             by_peer.entry(f.peer).or_default().push(e);
         }
         for (peer, entries) in by_peer {
-            self.engine.send(&peer, wants(entries));
+            self.engine.send(&peer, Message::wants(entries));
         }
     }
 }

@@ -231,6 +231,17 @@ impl BlockAddress {
 }
 
 impl Entry {
+    /// A want for `address`, asking for a DontHave answer when the peer lacks it.
+    pub fn want(address: BlockAddress, want_type: WantType) -> Self {
+        Self {
+            address,
+            priority: 0,
+            cancel: false,
+            want_type,
+            send_dont_have: true,
+        }
+    }
+
     fn encoded_len(&self) -> usize {
         bytes_len(self.address.encoded_len())
             + uint_len(priority_wire(self.priority))
@@ -421,6 +432,17 @@ impl Presence {
 const TRAILER: [u8; 10] = [0x28, 0x00, 0x32, 0x02, 0x0a, 0x00, 0x3a, 0x02, 0x0a, 0x00];
 
 impl Message {
+    /// A message carrying only these want entries (not a full want list).
+    pub fn wants(entries: Vec<Entry>) -> Self {
+        Self {
+            wantlist: WantList {
+                entries,
+                full: false,
+            },
+            ..Self::default()
+        }
+    }
+
     /// The length of [`Message::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
         bytes_len(self.wantlist.encoded_len())

@@ -62,10 +62,10 @@ enum Command {
     /// Run a node until stdin closes, answering one command per line on stdout (the node
     /// program of the multi-node tests and benches). Prints `ready <json>` first; each
     /// command gets one line, `ok <result>` or `err <message>`. Commands: `info`,
-    /// `connect <peer> <addr>`, `peer <peer>` (fails unless connected), `upload <file>`, `download <cid> <file>`,
-    /// `download-part <cid> <bytes>` (reads at least that much, then drops the download),
-    /// `fetch <cid>`, `wait-fetch <cid>`, `exists <cid>`, `list`, `space`, `delete <cid>`,
-    /// `quit`.
+    /// `connect <peer> <addr>`, `peer <peer>` (fails unless connected), `upload <file>`,
+    /// `download <cid> <file>`, `download-part <cid> <bytes>` (reads at least that much,
+    /// then drops the download), `fetch <cid>`, `wait-fetch <cid>`, `exists <cid>`,
+    /// `list`, `space`, `delete <cid>`, `quit`.
     Serve {
         /// Address to listen on.
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]

@@ -28,7 +28,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use codex::{Cid, CodexConfig, CodexNode};
-use codex_benches::{generate, peak_rss, reset_peak_rss, sha256_rate};
+use codex_benches::{env_u64, generate, peak_rss, reset_peak_rss, sha256_rate};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -41,10 +41,6 @@ fn size() -> u64 {
         return mib << 20;
     }
     env_u64("CODEX_BENCH_GIB").unwrap_or(1) << 30
-}
-
-fn env_u64(key: &str) -> Option<u64> {
-    std::env::var(key).ok().and_then(|v| v.parse().ok())
 }
 
 // ---- the node program ------------------------------------------------------------------

@@ -8,10 +8,12 @@ use sha2::{Digest, Sha256};
 
 /// Dataset size in MiB: `CODEX_BENCH_MIB`, default 1024.
 pub fn dataset_mib() -> u64 {
-    std::env::var("CODEX_BENCH_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024)
+    env_u64("CODEX_BENCH_MIB").unwrap_or(1024)
+}
+
+/// The number in environment variable `key`, if it is set to one.
+pub fn env_u64(key: &str) -> Option<u64> {
+    std::env::var(key).ok().and_then(|v| v.parse().ok())
 }
 
 /// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time.

@@ -164,12 +164,22 @@ impl Hostile {
                         let (tx, mut rx) = mpsc::channel::<Message>(64);
                         let host = Arc::clone(&host);
                         tokio::spawn(async move {
-                            let Ok(mut s) = host.control().open_stream(from, BLOCKEXC).await else {
-                                return;
-                            };
+                            // A stream that cannot be opened or written is opened again: one
+                            // failure must not leave the peer mute for the rest of the test.
+                            let mut stream = None;
                             while let Some(m) = rx.recv().await {
-                                if write_message(&mut s, &m).await.is_err() {
-                                    return;
+                                for _ in 0..20 {
+                                    if stream.is_none() {
+                                        stream =
+                                            host.control().open_stream(from, BLOCKEXC).await.ok();
+                                    }
+                                    if let Some(s) = stream.as_mut() {
+                                        if write_message(s, &m).await.is_ok() {
+                                            break;
+                                        }
+                                    }
+                                    stream = None;
+                                    tokio::time::sleep(Duration::from_millis(100)).await;
                                 }
                             }
                         });

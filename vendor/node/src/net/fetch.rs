@@ -285,11 +285,16 @@ pub async fn dataset(
                                 cfg.retries
                             )));
                         }
-                        for p in engine.peers() {
-                            s.probe(&p);
-                        }
                     } else {
                         idle_rounds = 0;
+                    }
+                    // Peers that are not providers yet are asked again: their answer or
+                    // the news of their arrival may have been missed, or they may have
+                    // got the dataset since.
+                    for p in engine.peers() {
+                        if !s.providers.contains_key(&p) {
+                            s.probe(&p);
+                        }
                     }
                 }
             }

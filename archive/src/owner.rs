@@ -1,7 +1,7 @@
 //! The owner (control node) side: archives of a community's messages, the cumulative index,
 //! the link, and the periodic archiving task.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -396,13 +396,15 @@ impl Round<'_> {
             previous_index_read,
             ..Default::default()
         };
+        let earlier: HashSet<String> = entries.values().map(|e| e.cid.clone()).collect();
         let result = self
             .create(from, to, &mut entries, &mut uploaded, &mut report)
             .await;
         if let Err(e) = result {
-            // Nothing was recorded: remove what this round stored and nothing names.
+            // Nothing was recorded: remove what this round stored that no earlier archive
+            // names (a plain archive made again has the CID it had).
             for cid in uploaded {
-                if !entries.values().any(|e| e.cid == cid) {
+                if !earlier.contains(&cid) {
                     if let Ok(c) = cid.parse() {
                         let _ = self.owner.node.delete(&c).await;
                     }

@@ -835,3 +835,69 @@ async fn the_scheduler_archives_at_start_up_and_then_every_interval() {
     assert!(info.last_message_archive_end_date >= end);
     assert_eq!(info.last_archive_link, first.archive_link);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_that_fails_midway_records_nothing_and_the_next_one_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let start_node = |quota: u64| {
+        let cfg = CodexConfig::builder()
+            .data_dir(dir.path().join("codex"))
+            .listen_addrs(["/ip4/127.0.0.1/tcp/0"])
+            .storage_quota(quota)
+            .block_ttl(None)
+            .build()
+            .unwrap();
+        async move {
+            let n = CodexNode::new(cfg).await.unwrap();
+            n.start().await.unwrap();
+            n
+        }
+    };
+    let db = Database::open(dir.path().join("archive.db")).unwrap();
+    let key = CommunityKey::generate();
+    let community = Community::new(key.id(), CHATS).encrypted(b"k".to_vec());
+    let end = now();
+
+    // A store too small for every archive: the round fails part way.
+    let small = start_node(256 << 10).await;
+    let owner = Owner::new(
+        db.clone(),
+        small.clone(),
+        Arc::new(LocalLinkBus::new()),
+        config(),
+    );
+    owner
+        .store_messages(messages(&community, 400, 6, end, 12))
+        .await
+        .unwrap();
+    let err = owner.create_archives(&community, end - 6 * WEEK, end).await;
+    assert!(err.is_err(), "the quota must be hit: {err:?}");
+    // Nothing recorded, and what the round stored is removed again.
+    assert_eq!(db.archive_info(&community.id).unwrap(), Default::default());
+    assert!(db.archives(&community.id).unwrap().is_empty());
+    assert!(small.list().await.unwrap().is_empty(), "orphaned uploads");
+    small.destroy().await.unwrap();
+
+    // The next run, with room, does the whole job once.
+    let big = start_node(1 << 30).await;
+    let owner = Owner::new(
+        db.clone(),
+        big.clone(),
+        Arc::new(LocalLinkBus::new()),
+        config(),
+    );
+    let report = owner
+        .create_archives(&community, end - 6 * WEEK, end)
+        .await
+        .unwrap();
+    assert_eq!(report.created.len(), 5);
+    assert_eq!(db.archives(&community.id).unwrap().len(), 5);
+    assert_eq!(
+        big.list().await.unwrap().len(),
+        6,
+        "five archives and the index"
+    );
+    let info = db.archive_info(&community.id).unwrap();
+    assert_eq!(info.last_message_archive_end_date, end);
+    assert_eq!(Some(info.last_archive_link), report.index_cid);
+}

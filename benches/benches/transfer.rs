@@ -280,16 +280,9 @@ struct Figures {
 
 static FIGURES: Mutex<Option<Figures>> = Mutex::new(None);
 
-fn scratch() -> Res<tempfile::TempDir> {
-    Ok(match std::env::var("CODEX_BENCH_DIR") {
-        Ok(d) => tempfile::tempdir_in(d)?,
-        Err(_) => tempfile::tempdir()?,
-    })
-}
-
 fn transfer(c: &mut Criterion) {
     let size = size();
-    let work = scratch().expect("scratch directory");
+    let work = codex_benches::scratch_dir().expect("scratch directory");
     let file = work.path().join("data.bin");
     generate(&file, size).expect("generate the dataset");
     let sha = file_sha256(&file).expect("hash the dataset");
@@ -348,7 +341,7 @@ fn libtorrent_rate(size: u64) -> Result<(f64, f64), String> {
             script.display()
         ));
     }
-    let results = scratch().map_err(|e| e.to_string())?;
+    let results = codex_benches::scratch_dir().map_err(|e| e.to_string())?;
     let sizes = if size % (1 << 30) == 0 {
         format!("{}", size >> 30)
     } else {

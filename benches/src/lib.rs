@@ -16,6 +16,15 @@ pub fn env_u64(key: &str) -> Option<u64> {
     std::env::var(key).ok().and_then(|v| v.parse().ok())
 }
 
+/// A scratch directory in `CODEX_BENCH_DIR`, else in the system's temporary directory;
+/// removed when dropped.
+pub fn scratch_dir() -> std::io::Result<tempfile::TempDir> {
+    match std::env::var("CODEX_BENCH_DIR") {
+        Ok(d) => tempfile::tempdir_in(d),
+        Err(_) => tempfile::tempdir(),
+    }
+}
+
 /// Writes `size` pseudo-random bytes to `path`, 1 MiB at a time.
 pub fn generate(path: &Path, size: u64) -> std::io::Result<()> {
     let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);

@@ -186,7 +186,42 @@ impl Owner {
             }
         };
         self.publish_link(community, key).await?;
+        self.check_stored(community).await?;
         Ok(Some(report))
+    }
+
+    /// Reports every archive (and the current index) the database records that the node no
+    /// longer stores whole, as [`Event::Failed`]; returns their CIDs. The reference loses
+    /// archives silently when their blocks expire: give the node no block TTL
+    /// (`CodexConfigBuilder::block_ttl(None)`) so an owner keeps what it made.
+    ///
+    /// # Cancel safety
+    /// Only reads.
+    pub async fn check_stored(&self, community: &Community) -> Result<Vec<String>> {
+        let id = community.id.clone();
+        let (info, archives) = self
+            .blocking(move |db| Ok((db.archive_info(&id)?, db.archives(&id)?)))
+            .await?;
+        let mut cids: Vec<(String, String)> = archives
+            .into_iter()
+            .map(|a| (format!("archive {}", a.id), a.cid))
+            .collect();
+        if !info.last_archive_link.is_empty() {
+            cids.push(("the current index".into(), info.last_archive_link));
+        }
+        let mut lost = Vec::new();
+        for (what, cid) in cids {
+            let parsed: codex::Cid = cid.parse()?;
+            if !self.inner.node.exists(&parsed).await? {
+                self.inner.events.emit(Event::Failed {
+                    community: community.id.clone(),
+                    error: format!("{what} ({cid}) is no longer stored whole by this node"),
+                    retry_in_secs: None,
+                });
+                lost.push(cid);
+            }
+        }
+        Ok(lost)
     }
 
     /// Publishes the link of the current index, with the current time as its clock. Does

@@ -118,11 +118,12 @@ async fn owner_side(encrypted: Option<&[u8]>) -> OwnerSide {
         community = community.encrypted(k.to_vec());
     }
     let bus = LocalLinkBus::new();
+    // An owner downloads only a previous index that is gone: do not wait long for it.
     let owner = Owner::new(
         side.db.clone(),
         side.node.clone(),
         Arc::new(bus.clone()),
-        config(),
+        config().with_download_timeout(Duration::from_secs(3)),
     );
     OwnerSide {
         side,
@@ -390,6 +391,11 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
     let old: codex::Cid = first.index_cid.clone().unwrap().parse().unwrap();
     o.side.node.delete(&old).await.unwrap();
     m.side.node.delete(&old).await.unwrap();
+    assert_eq!(
+        o.owner.check_stored(&o.community).await.unwrap(),
+        vec![old.to_string()],
+        "the lost index is reported"
+    );
     let second = o
         .owner
         .archive_and_publish(&o.community, &o.key, end + 2 * WEEK)

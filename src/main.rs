@@ -2,8 +2,10 @@
 //!
 //! With no command it runs `transfer-demo` in a temporary data-dir: it generates a file,
 //! uploads it, shows the manifest and the store, downloads the dataset back and checks
-//! every byte. The other commands work on a persistent data-dir (`--data-dir`).
+//! every byte. The other commands work on a persistent data-dir (`--data-dir`);
+//! `community-node` is the node program of the community history demo ([`community`]).
 
+mod community;
 mod transfer_demo;
 
 use std::path::{Path, PathBuf};
@@ -85,6 +87,14 @@ enum Command {
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
     },
+    /// A node of the community demo (owner or member), driven one command per line on
+    /// stdin by the demo; see `src/community/node.rs`.
+    #[command(hide = true)]
+    CommunityNode {
+        /// The role it plays.
+        #[arg(long, value_enum)]
+        role: community::node::Role,
+    },
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -116,6 +126,9 @@ async fn run(cli: Cli) -> Res<()> {
         .unwrap_or(Command::TransferDemo { size_mib: 256 })
     {
         Command::TransferDemo { size_mib } => transfer_demo::run(size_mib, cli.quota).await,
+        Command::CommunityNode { role } => {
+            community::node::run(role, &cli.data_dir, cli.quota).await
+        }
         Command::Serve {
             listen,
             bootstrap,
@@ -174,7 +187,9 @@ async fn one(node: &CodexNode, command: Command) -> Res<()> {
         Command::Delete { cid } => {
             node.delete(&parse_cid(&cid)?).await?;
         }
-        Command::TransferDemo { .. } | Command::Serve { .. } => unreachable!("handled by run"),
+        Command::TransferDemo { .. } | Command::CommunityNode { .. } | Command::Serve { .. } => {
+            unreachable!("handled by run")
+        }
     }
     Ok(())
 }

@@ -1,9 +1,10 @@
 //! `codex-cli`: a command-line program embedding a Codex node.
 //!
-//! With no command it runs `transfer-demo` in a temporary data-dir: it generates a file,
-//! uploads it, shows the manifest and the store, downloads the dataset back and checks
-//! every byte. The other commands work on a persistent data-dir (`--data-dir`);
-//! `community-node` is the node program of the community history demo ([`community`]).
+//! With no command it runs the community history demo ([`community`]): an owner and two
+//! members, three processes of this program on 127.0.0.1, archive a generated community
+//! history, pass it on, and check every message arrived. `transfer-demo` uploads and
+//! downloads a large file on one node. The other commands work on a persistent data-dir
+//! (`--data-dir`).
 
 mod community;
 mod transfer_demo;
@@ -80,8 +81,11 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         block_retries: u32,
     },
+    /// The community history demo (the default): an owner and two member processes on
+    /// 127.0.0.1 archive, pass on and check a generated community history.
+    Demo(community::DemoArgs),
     /// One node uploads a generated file, downloads it back and checks every byte, in a
-    /// temporary data-dir (the default).
+    /// temporary data-dir.
     TransferDemo {
         /// Size of the generated file in MiB.
         #[arg(long, default_value_t = 256)]
@@ -95,6 +99,12 @@ enum Command {
         #[arg(long, value_enum)]
         role: community::node::Role,
     },
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Demo(community::DemoArgs::default())
+    }
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -121,10 +131,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Res<()> {
-    match cli
-        .command
-        .unwrap_or(Command::TransferDemo { size_mib: 256 })
-    {
+    match cli.command.unwrap_or_default() {
+        Command::Demo(args) => community::demo(args, cli.quota).await,
         Command::TransferDemo { size_mib } => transfer_demo::run(size_mib, cli.quota).await,
         Command::CommunityNode { role } => {
             community::node::run(role, &cli.data_dir, cli.quota).await
@@ -187,9 +195,10 @@ async fn one(node: &CodexNode, command: Command) -> Res<()> {
         Command::Delete { cid } => {
             node.delete(&parse_cid(&cid)?).await?;
         }
-        Command::TransferDemo { .. } | Command::CommunityNode { .. } | Command::Serve { .. } => {
-            unreachable!("handled by run")
-        }
+        Command::Demo(_)
+        | Command::TransferDemo { .. }
+        | Command::CommunityNode { .. }
+        | Command::Serve { .. } => unreachable!("handled by run"),
     }
     Ok(())
 }

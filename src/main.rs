@@ -1,12 +1,16 @@
 //! `codex-cli`: a command-line program embedding a Codex node.
 //!
-//! With no command it runs a demonstration in a temporary data-dir: it generates a file,
-//! uploads it, shows the manifest and the store, downloads the dataset back and checks
-//! every byte. The commands work on a persistent data-dir (`--data-dir`).
+//! With no command it runs the community history demo ([`community`]): an owner and two
+//! members, three processes of this program on 127.0.0.1, archive a generated community
+//! history, pass it on, and check every message arrived. `transfer-demo` uploads and
+//! downloads a large file on one node. The other commands work on a persistent data-dir
+//! (`--data-dir`).
+
+mod community;
+mod transfer_demo;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use codex::{Cid, CodexConfig, CodexNode};
@@ -77,12 +81,30 @@ enum Command {
         #[arg(long, default_value_t = 3000)]
         block_retries: u32,
     },
-    /// Run the demonstration (the default).
-    Demo {
+    /// The community history demo (the default): an owner and two member processes on
+    /// 127.0.0.1 archive, pass on and check a generated community history.
+    Demo(community::DemoArgs),
+    /// One node uploads a generated file, downloads it back and checks every byte, in a
+    /// temporary data-dir.
+    TransferDemo {
         /// Size of the generated file in MiB.
         #[arg(long, default_value_t = 256)]
         size_mib: u64,
     },
+    /// A node of the community demo (owner or member), driven one command per line on
+    /// stdin by the demo; see `src/community/node.rs`.
+    #[command(hide = true)]
+    CommunityNode {
+        /// The role it plays.
+        #[arg(long, value_enum)]
+        role: community::node::Role,
+    },
+}
+
+impl Default for Command {
+    fn default() -> Self {
+        Command::Demo(community::DemoArgs::default())
+    }
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -109,8 +131,12 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Res<()> {
-    match cli.command.unwrap_or(Command::Demo { size_mib: 256 }) {
-        Command::Demo { size_mib } => demo(size_mib, cli.quota).await,
+    match cli.command.unwrap_or_default() {
+        Command::Demo(args) => community::demo(args, cli.quota).await,
+        Command::TransferDemo { size_mib } => transfer_demo::run(size_mib, cli.quota).await,
+        Command::CommunityNode { role } => {
+            community::node::run(role, &cli.data_dir, cli.quota).await
+        }
         Command::Serve {
             listen,
             bootstrap,
@@ -169,7 +195,10 @@ async fn one(node: &CodexNode, command: Command) -> Res<()> {
         Command::Delete { cid } => {
             node.delete(&parse_cid(&cid)?).await?;
         }
-        Command::Demo { .. } | Command::Serve { .. } => unreachable!("handled by run"),
+        Command::Demo(_)
+        | Command::TransferDemo { .. }
+        | Command::CommunityNode { .. }
+        | Command::Serve { .. } => unreachable!("handled by run"),
     }
     Ok(())
 }
@@ -219,111 +248,6 @@ async fn download(node: &CodexNode, cid: &Cid, out: &Path) -> Res<u64> {
     f.sync_all().await?;
     pb.finish_and_clear();
     Ok(dl.received())
-}
-
-/// Generates, uploads, downloads and checks a file in a temporary data-dir.
-async fn demo(size_mib: u64, quota: Option<u64>) -> Res<()> {
-    let tmp = tempfile::tempdir()?;
-    let size = size_mib << 20;
-    let node = open(
-        &tmp.path().join("node"),
-        Some(quota.unwrap_or(size * 2 + (64 << 20))),
-    )
-    .await?;
-    println!("node {} in {}", node.peer_id().await?, node.repo().await?);
-
-    let input = tmp.path().join("input.bin");
-    let digest = generate(&input, size)?;
-    println!("generated {size_mib} MiB of pseudo-random data");
-
-    let t = Instant::now();
-    let cid = upload(&node, &input, codex::DEFAULT_BLOCK_SIZE).await?;
-    let up = t.elapsed();
-    println!("uploaded   {cid}  {}", rate(size, up));
-
-    let m = node.manifest(&cid).await?;
-    println!(
-        "manifest   tree {}  {} bytes in {}-byte blocks, file name {:?}",
-        m.tree_cid,
-        m.dataset_size,
-        m.block_size,
-        m.filename.unwrap_or_default()
-    );
-
-    let output = tmp.path().join("output.bin");
-    let t = Instant::now();
-    let n = download(&node, &cid, &output).await?;
-    let down = t.elapsed();
-    println!("downloaded {n} bytes  {}", rate(n, down));
-
-    let back = checksum(&output)?;
-    let space = node.space().await?;
-    println!(
-        "store      {} blocks, {} of {} bytes used",
-        space.total_blocks, space.quota_used_bytes, space.quota_max_bytes
-    );
-    node.destroy().await?;
-    if back != digest || n != size {
-        return Err("the downloaded file differs from the uploaded one".into());
-    }
-    println!("check      downloaded bytes identical to the uploaded file: ok");
-    Ok(())
-}
-
-fn rate(bytes: u64, t: Duration) -> String {
-    format!(
-        "{:.1} MB/s ({:.2} s)",
-        bytes as f64 / t.as_secs_f64().max(1e-9) / 1e6,
-        t.as_secs_f64()
-    )
-}
-
-/// Writes `size` pseudo-random bytes; returns a checksum of them.
-fn generate(path: &Path, size: u64) -> Res<u64> {
-    use std::io::Write;
-    let mut f = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut sum: u64 = 0;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        for word in buf[..n].chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            word.copy_from_slice(&x.to_le_bytes()[..word.len()]);
-        }
-        sum = fold(sum, &buf[..n]);
-        f.write_all(&buf[..n])?;
-        left -= n as u64;
-    }
-    f.flush()?;
-    Ok(sum)
-}
-
-fn checksum(path: &Path) -> Res<u64> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut sum = 0;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(sum);
-        }
-        sum = fold(sum, &buf[..n]);
-    }
-}
-
-/// An order-sensitive checksum (FNV-1a over 8-byte words); enough to catch a wrong byte.
-fn fold(mut h: u64, data: &[u8]) -> u64 {
-    for w in data.chunks(8) {
-        let mut b = [0u8; 8];
-        b[..w.len()].copy_from_slice(w);
-        h = (h ^ u64::from_le_bytes(b)).wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 /// 20 GiB, or 90% of what the data-dir's filesystem has free when that is less.

@@ -13,7 +13,12 @@ use futures::FutureExt;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upload_dropped_while_its_session_opens_is_cancelled() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = CodexConfig::builder().data_dir(dir.path()).build().unwrap();
+    // An explicit quota: the default (20 GiB) need not fit on the test machine's disk.
+    let cfg = CodexConfig::builder()
+        .data_dir(dir.path())
+        .storage_quota(1 << 30)
+        .build()
+        .unwrap();
     let node = CodexNode::new(cfg).await.unwrap();
     node.start().await.unwrap();
     assert_eq!(codex_abi::open_upload_sessions(), 0);

@@ -150,16 +150,7 @@ impl Community {
     }
 }
 
-pub(crate) fn hex_0x(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 + 2 * bytes.len());
-    out.push_str("0x");
-    for &b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    out
-}
+pub(crate) use codex_proto::hex_0x;
 
 pub(crate) fn parse_hex(s: &str) -> Result<Vec<u8>> {
     let bad = || Error::Invalid(format!("not hex: {s:?}"));

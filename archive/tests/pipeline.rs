@@ -636,6 +636,28 @@ fn signed(o: &OwnerSide, cid: &str) -> SignedLink {
     SignedLink::sign(&o.key, &o.key.id(), &link)
 }
 
+/// Uploads to the owner's node an index of one entry, for `archive` over `metadata`,
+/// encrypted with `key`; returns its CID.
+async fn upload_index(
+    o: &OwnerSide,
+    key: &[u8],
+    metadata: Option<WakuMessageArchiveMetadata>,
+    archive: &codex::Cid,
+) -> codex::Cid {
+    let entry = CodexWakuMessageArchiveIndexMetadata {
+        version: 0,
+        metadata,
+        cid: archive.to_string(),
+    };
+    let index = CodexWakuMessageArchiveIndex {
+        archives: [(archive_id(&entry), entry)].into_iter().collect(),
+    };
+    let sealed = CommunityCipher::new(key)
+        .encrypt(&index.encode_to_vec())
+        .unwrap();
+    o.side.node.upload().bytes(sealed).await.unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_indexes_and_archives_leave_the_member_untouched() {
     let o = owner_side(Some(b"k1")).await;
@@ -675,25 +697,7 @@ async fn hostile_indexes_and_archives_leave_the_member_untouched() {
         .encrypt(&alien.encode_to_vec())
         .unwrap();
     let acid = o.side.node.upload().bytes(sealed).await.unwrap();
-    let entry = CodexWakuMessageArchiveIndexMetadata {
-        version: 0,
-        metadata: alien.metadata.clone(),
-        cid: acid.to_string(),
-    };
-    let index = CodexWakuMessageArchiveIndex {
-        archives: [(archive_id(&entry), entry)].into_iter().collect(),
-    };
-    let icid = o
-        .side
-        .node
-        .upload()
-        .bytes(
-            CommunityCipher::new(b"k1")
-                .encrypt(&index.encode_to_vec())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let icid = upload_index(&o, b"k1", alien.metadata.clone(), &acid).await;
     m.member
         .handle_link(&signed(&o, icid.as_str()))
         .await
@@ -710,25 +714,7 @@ async fn hostile_indexes_and_archives_leave_the_member_untouched() {
         let other = side(3000).await;
         other.node.upload().bytes(vec![7u8; 5000]).await.unwrap()
     };
-    let entry = CodexWakuMessageArchiveIndexMetadata {
-        version: 0,
-        metadata: alien.metadata.clone(),
-        cid: missing.to_string(),
-    };
-    let index = CodexWakuMessageArchiveIndex {
-        archives: [(archive_id(&entry), entry)].into_iter().collect(),
-    };
-    let icid = o
-        .side
-        .node
-        .upload()
-        .bytes(
-            CommunityCipher::new(b"k1")
-                .encrypt(&index.encode_to_vec())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let icid = upload_index(&o, b"k1", alien.metadata.clone(), &missing).await;
     m.member
         .handle_link(&signed(&o, icid.as_str()))
         .await

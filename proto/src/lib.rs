@@ -110,8 +110,9 @@ pub fn universal_topic(community_id: &[u8]) -> [u8; TOPIC_LENGTH] {
     topic(&universal_chat_id(community_id))
 }
 
-/// `0x` and the lowercase hex of `bytes`, like go-ethereum's `hexutil.Encode`.
-fn hex_0x(bytes: &[u8]) -> String {
+/// `0x` and the lowercase hex of `bytes`, like go-ethereum's `hexutil.Encode`: the form of
+/// archive IDs and community IDs.
+pub fn hex_0x(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(2 + 2 * bytes.len());
     out.push_str("0x");

@@ -17,7 +17,7 @@ use codex_archive::codex_proto::{
 };
 use codex_archive::{
     ArchiveConfig, Community, CommunityCipher, CommunityKey, Database, Error, Event, LocalLinkBus,
-    Member, Owner, Rejection, SignedLink,
+    Member, Owner, Rejection, RoundReport, SignedLink,
 };
 use futures::StreamExt;
 use tempfile::TempDir;
@@ -108,6 +108,27 @@ struct OwnerSide {
     key: CommunityKey,
     community: Community,
     bus: LocalLinkBus,
+    /// The links this owner publishes.
+    links: tokio::sync::broadcast::Receiver<SignedLink>,
+}
+
+impl OwnerSide {
+    /// Stores `msgs`, all of them new.
+    async fn store(&self, msgs: Vec<WakuMessage>) {
+        let n = msgs.len();
+        assert_eq!(self.owner.store_messages(msgs).await.unwrap(), n);
+    }
+
+    /// Runs a round up to `end` and returns its report and the link it published.
+    async fn publish(&mut self, end: u64) -> (RoundReport, SignedLink) {
+        let report = self
+            .owner
+            .archive_and_publish(&self.community, &self.key, end)
+            .await
+            .unwrap()
+            .expect("there were messages to archive");
+        (report, next_link(&mut self.links).await)
+    }
 }
 
 async fn owner_side(encrypted: Option<&[u8]>) -> OwnerSide {
@@ -130,6 +151,7 @@ async fn owner_side(encrypted: Option<&[u8]>) -> OwnerSide {
         owner,
         key,
         community,
+        links: bus.subscribe(),
         bus,
     }
 }
@@ -181,27 +203,18 @@ fn ids(db: &Database, c: &Community) -> BTreeSet<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_downloads_imports_and_serves_a_public_community() {
-    let o = owner_side(None).await;
+    let mut o = owner_side(None).await;
     let end = now();
     let msgs = messages(&o.community, 400, 6, end, 1);
-    assert_eq!(
-        o.owner.store_messages(msgs.clone()).await.unwrap(),
-        msgs.len()
-    );
-    let mut links = o.bus.subscribe();
-    let report = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap()
-        .unwrap();
+    let total = msgs.len();
+    o.store(msgs).await;
+    let (report, link) = o.publish(end).await;
     // Six weeks with one empty: five archives, no entry for the empty week.
     assert_eq!(report.created.len(), 5, "{report:?}");
     assert_eq!(report.index_entries, 5);
     for w in report.created.windows(2) {
         assert!(w[0].to <= w[1].from);
     }
-    let link = next_link(&mut links).await;
 
     let m1 = member_side(&o, &CHATS, 3000).await;
     connect(&m1.side.node, &o.side.node).await;
@@ -266,7 +279,7 @@ async fn a_member_downloads_imports_and_serves_a_public_community() {
     settle(&m2).await;
     let got = m2.side.db.imported_hashes(&o.key.id()).unwrap();
     assert_eq!(got, expected(&o, &m2));
-    assert!(got.len() < msgs.len() && !got.is_empty());
+    assert!(got.len() < total && !got.is_empty());
     assert_eq!(
         ids(&m2.side.db, &m2.community),
         ids(&o.side.db, &o.community)
@@ -281,20 +294,10 @@ async fn a_member_downloads_imports_and_serves_a_public_community() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_encrypted_community_round_trips_and_a_wrong_key_touches_nothing() {
-    let o = owner_side(Some(b"secret key material")).await;
+    let mut o = owner_side(Some(b"secret key material")).await;
     let end = now();
-    o.owner
-        .store_messages(messages(&o.community, 200, 3, end, 2))
-        .await
-        .unwrap();
-    let mut links = o.bus.subscribe();
-    let report = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap()
-        .unwrap();
-    let link = next_link(&mut links).await;
+    o.store(messages(&o.community, 200, 3, end, 2)).await;
+    let (report, link) = o.publish(end).await;
     // What is stored is ciphertext: it does not decode as a plain index.
     let index_cid: codex::Cid = report.index_cid.unwrap().parse().unwrap();
     let stored = o
@@ -363,20 +366,10 @@ fn untouched(db: &Database, c: &Community) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_gone() {
-    let o = owner_side(None).await;
+    let mut o = owner_side(None).await;
     let end = now() - 2 * WEEK;
-    o.owner
-        .store_messages(messages(&o.community, 100, 3, end, 3))
-        .await
-        .unwrap();
-    let mut links = o.bus.subscribe();
-    let first = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap()
-        .unwrap();
-    let link1 = next_link(&mut links).await;
+    o.store(messages(&o.community, 100, 3, end, 3)).await;
+    let (first, link1) = o.publish(end).await;
     let m = member_side(&o, &CHATS, 3000).await;
     connect(&m.side.node, &o.side.node).await;
     m.member.handle_link(&link1).await.unwrap();
@@ -384,10 +377,8 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
 
     // Two more weeks of messages; the first index is deleted from the owner's store (the
     // member still has it, but the database alone must do).
-    o.owner
-        .store_messages(messages(&o.community, 50, 2, end + 2 * WEEK, 4))
-        .await
-        .unwrap();
+    o.store(messages(&o.community, 50, 2, end + 2 * WEEK, 4))
+        .await;
     let old: codex::Cid = first.index_cid.clone().unwrap().parse().unwrap();
     o.side.node.delete(&old).await.unwrap();
     m.side.node.delete(&old).await.unwrap();
@@ -396,12 +387,7 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
         vec![old.to_string()],
         "the lost index is reported"
     );
-    let second = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end + 2 * WEEK)
-        .await
-        .unwrap()
-        .unwrap();
+    let (second, link2) = o.publish(end + 2 * WEEK).await;
     assert_eq!(second.from, end, "the round starts where the last ended");
     assert!(!second.previous_index_read);
     assert_eq!(
@@ -409,7 +395,6 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
         first.created.len() + second.created.len(),
         "the index is cumulative"
     );
-    let link2 = next_link(&mut links).await;
     assert!(link2.verify().unwrap().clock >= link1.verify().unwrap().clock);
 
     // The member fetches only the new archives.
@@ -436,14 +421,8 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
     );
 
     // A round with nothing new publishes the same index again, never an empty link.
-    let third = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end + 2 * WEEK + 60)
-        .await
-        .unwrap()
-        .unwrap();
+    let (third, link3) = o.publish(end + 2 * WEEK + 60).await;
     assert!(third.created.is_empty() && third.index_cid.is_none());
-    let link3 = next_link(&mut links).await;
     assert_eq!(
         link3.verify().unwrap().archive_link,
         second.index_cid.unwrap()
@@ -452,30 +431,14 @@ async fn a_second_round_makes_a_cumulative_index_even_when_the_previous_one_is_g
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_link_replaces_the_download_in_progress() {
-    let o = owner_side(None).await;
+    let mut o = owner_side(None).await;
     let end = now() - 3 * WEEK;
-    o.owner
-        .store_messages(messages(&o.community, 300, 4, end, 5))
-        .await
-        .unwrap();
-    let mut links = o.bus.subscribe();
-    o.owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap();
-    let link1 = next_link(&mut links).await;
-    o.owner
-        .store_messages(messages(&o.community, 100, 3, end + 3 * WEEK, 6))
-        .await
-        .unwrap();
+    o.store(messages(&o.community, 300, 4, end, 5)).await;
+    let (_, link1) = o.publish(end).await;
+    o.store(messages(&o.community, 100, 3, end + 3 * WEEK, 6))
+        .await;
     tokio::time::sleep(Duration::from_millis(5)).await;
-    let second = o
-        .owner
-        .archive_and_publish(&o.community, &o.key, end + 3 * WEEK)
-        .await
-        .unwrap()
-        .unwrap();
-    let link2 = next_link(&mut links).await;
+    let (second, link2) = o.publish(end + 3 * WEEK).await;
 
     let m = member_side(&o, &CHATS, 3000).await;
     connect(&m.side.node, &o.side.node).await;
@@ -499,18 +462,10 @@ async fn a_newer_link_replaces_the_download_in_progress() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_stopped_mid_import_resumes_without_losing_or_repeating() {
-    let o = owner_side(None).await;
+    let mut o = owner_side(None).await;
     let end = now();
-    o.owner
-        .store_messages(messages(&o.community, 3000, 8, end, 7))
-        .await
-        .unwrap();
-    let mut links = o.bus.subscribe();
-    o.owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap();
-    let link = next_link(&mut links).await;
+    o.store(messages(&o.community, 3000, 8, end, 7)).await;
+    let (_, link) = o.publish(end).await;
 
     let dir = tempfile::tempdir().unwrap();
     let (community, imported_before) = {
@@ -560,18 +515,10 @@ async fn a_member_stopped_mid_import_resumes_without_losing_or_repeating() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn link_rules_reject_what_must_not_be_followed() {
-    let o = owner_side(None).await;
+    let mut o = owner_side(None).await;
     let end = now();
-    o.owner
-        .store_messages(messages(&o.community, 20, 1, end, 8))
-        .await
-        .unwrap();
-    let mut links = o.bus.subscribe();
-    o.owner
-        .archive_and_publish(&o.community, &o.key, end)
-        .await
-        .unwrap();
-    let link = next_link(&mut links).await;
+    o.store(messages(&o.community, 20, 1, end, 8)).await;
+    let (_, link) = o.publish(end).await;
     let cid = link.verify().unwrap().archive_link;
     let m = member_side(&o, &CHATS, 3000).await;
     let rejected = |r: Result<String, Error>| match r {
@@ -803,10 +750,7 @@ async fn the_scheduler_archives_at_start_up_and_then_every_interval() {
     // Messages arrive: the next round archives them and publishes; later rounds repeat
     // the link without new archives.
     let end = now() - 1;
-    o.owner
-        .store_messages(messages(&o.community, 50, 3, end, 11))
-        .await
-        .unwrap();
+    o.store(messages(&o.community, 50, 3, end, 11)).await;
     let first = next_link(&mut links).await.verify().unwrap();
     let again = next_link(&mut links).await.verify().unwrap();
     assert_eq!(first.archive_link, again.archive_link);

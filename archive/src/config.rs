@@ -101,6 +101,15 @@ impl ArchiveConfig {
         self
     }
 
+    /// The limits of a download of at most `max_bytes` from the node or its peers.
+    pub(crate) fn fetch(&self, max_bytes: u64) -> crate::format::Fetch {
+        crate::format::Fetch {
+            max_bytes,
+            timeout: self.download_timeout,
+            local: false,
+        }
+    }
+
     /// The wait after `failures` transient failures in a row (at least one).
     pub(crate) fn backoff(&self, failures: u32) -> Duration {
         let factor = 1u32 << failures.saturating_sub(1).min(20);

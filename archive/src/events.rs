@@ -155,6 +155,20 @@ impl Events {
         let _ = self.tx.send(e);
     }
 
+    /// Emits [`Event::Failed`]: `error`, retried after `retry` (`None`: never).
+    pub(crate) fn failed(
+        &self,
+        community: &CommunityId,
+        error: impl std::fmt::Display,
+        retry: Option<std::time::Duration>,
+    ) {
+        self.emit(Event::Failed {
+            community: community.clone(),
+            error: error.to_string(),
+            retry_in_secs: retry.map(|d| d.as_secs()),
+        });
+    }
+
     pub(crate) fn subscribe(&self) -> Pin<Box<dyn Stream<Item = Event> + Send>> {
         Box::pin(BroadcastStream::new(self.tx.subscribe()).filter_map(|r| async move { r.ok() }))
     }

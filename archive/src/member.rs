@@ -14,7 +14,7 @@ use crate::config::ArchiveConfig;
 use crate::db::{ArchiveRecord, Database};
 use crate::error::{Error, Rejection, Result};
 use crate::events::{Event, Events};
-use crate::format::{self, Fetch};
+use crate::format;
 use crate::link::SignedLink;
 use crate::owner::blocking;
 
@@ -254,20 +254,12 @@ impl Member {
                     failures += 1;
                     let wait = self.inner.cfg.backoff(failures);
                     tracing::warn!(community = %id, error = %e, "archive download failed");
-                    self.inner.events.emit(Event::Failed {
-                        community: id.clone(),
-                        error: e.to_string(),
-                        retry_in_secs: Some(wait.as_secs()),
-                    });
+                    self.inner.events.failed(id, &e, Some(wait));
                     tokio::time::sleep(wait).await;
                 }
                 Err(e) => {
                     tracing::warn!(community = %id, error = %e, "archive link abandoned");
-                    self.inner.events.emit(Event::Failed {
-                        community: id.clone(),
-                        error: e.to_string(),
-                        retry_in_secs: None,
-                    });
+                    self.inner.events.failed(id, &e, None);
                     if !link.is_empty() {
                         let (id, link) = (id.clone(), link.to_owned());
                         let _ =
@@ -301,11 +293,7 @@ impl Member {
             community: id.clone(),
             index_cid: link.into(),
         });
-        let limits = Fetch {
-            max_bytes: cfg.max_index_download,
-            timeout: cfg.download_timeout,
-            local: false,
-        };
+        let limits = cfg.fetch(cfg.max_index_download);
         let data = format::download(&self.inner.node, link, "index", limits).await?;
         let cipher = community.cipher();
         let index = format::open_index(&data, cipher.as_ref(), link)?;
@@ -349,11 +337,7 @@ impl Member {
     /// failures are returned.
     async fn fetch_archive(&self, community: &Community, a: ArchiveRecord) -> Result<()> {
         let cfg = &self.inner.cfg;
-        let limits = Fetch {
-            max_bytes: cfg.max_archive_download,
-            timeout: cfg.download_timeout,
-            local: false,
-        };
+        let limits = cfg.fetch(cfg.max_archive_download);
         let what = format!("archive {}", a.id);
         let id = community.id.clone();
         let original = a.clone();
@@ -402,11 +386,7 @@ impl Member {
             Err(e) if e.is_transient() => Err(e),
             Err(e) => {
                 tracing::warn!(community = %community.id, error = %e, "unusable archive");
-                self.inner.events.emit(Event::Failed {
-                    community: community.id.clone(),
-                    error: e.to_string(),
-                    retry_in_secs: None,
-                });
+                self.inner.events.failed(&community.id, &e, None);
                 let error = e.to_string();
                 blocking(&self.inner.db, move |db| {
                     db.record_unusable(&id, &original, &error)
@@ -425,11 +405,7 @@ impl Member {
             blocking(&self.inner.db, move |db| db.unimported(&id)).await?
         };
         let cfg = &self.inner.cfg;
-        let limits = Fetch {
-            max_bytes: cfg.max_archive_download,
-            timeout: cfg.download_timeout,
-            local: false,
-        };
+        let limits = cfg.fetch(cfg.max_archive_download);
         let topics = community.topics();
         for a in pending {
             self.inner.events.emit(Event::Importing {

@@ -213,11 +213,8 @@ impl Owner {
         for (what, cid) in cids {
             let parsed: codex::Cid = cid.parse()?;
             if !self.inner.node.exists(&parsed).await? {
-                self.inner.events.emit(Event::Failed {
-                    community: community.id.clone(),
-                    error: format!("{what} ({cid}) is no longer stored whole by this node"),
-                    retry_in_secs: None,
-                });
+                let error = format!("{what} ({cid}) is no longer stored whole by this node");
+                self.inner.events.failed(&community.id, error, None);
                 lost.push(cid);
             }
         }
@@ -366,11 +363,7 @@ impl Owner {
     async fn failed(&self, community: &Community, e: &Error, failures: u32) {
         let wait = self.inner.cfg.backoff(failures);
         tracing::warn!(community = %community.id, error = %e, "archiving round failed");
-        self.inner.events.emit(Event::Failed {
-            community: community.id.clone(),
-            error: e.to_string(),
-            retry_in_secs: Some(wait.as_secs()),
-        });
+        self.inner.events.failed(&community.id, e, Some(wait));
         tokio::time::sleep(wait).await;
     }
 
@@ -585,9 +578,8 @@ impl Round<'_> {
         }
         let cfg = &self.owner.cfg;
         let mut limits = Fetch {
-            max_bytes: cfg.max_index_download,
-            timeout: cfg.download_timeout,
             local: true,
+            ..cfg.fetch(cfg.max_index_download)
         };
         let node = &self.owner.node;
         let mut data = format::download(node, &link, "previous index", limits).await;

@@ -206,16 +206,16 @@ impl Member {
         loop {
             let done = self.state().tasks.get(community).map(|t| t.done.clone());
             let Some(mut done) = done else { return };
-            if done.wait_for(|d| *d).await.is_err() || *done.borrow() {
-                // This task ended; a newer one may have replaced it meanwhile.
-                let still = self
-                    .state()
-                    .tasks
-                    .get(community)
-                    .is_some_and(|t| !*t.done.borrow());
-                if !still {
-                    return;
-                }
+            // Returns when the task ends, or is aborted (its sender dropped).
+            let _ = done.wait_for(|d| *d).await;
+            // A newer task may have replaced it meanwhile: then wait for that one.
+            let running = self
+                .state()
+                .tasks
+                .get(community)
+                .is_some_and(|t| !*t.done.borrow());
+            if !running {
+                return;
             }
         }
     }

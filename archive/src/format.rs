@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use bytes::Bytes;
 use codex::{Cid, CodexNode};
 use codex_proto::{
     archive_id, CodexWakuMessageArchiveIndex, CodexWakuMessageArchiveIndexMetadata, Message,
@@ -141,7 +142,7 @@ pub(crate) async fn download(
     cid: &str,
     what: &str,
     limits: Fetch,
-) -> Result<Vec<u8>> {
+) -> Result<Bytes> {
     let parsed: Cid = cid.parse()?;
     let work = async {
         let dl = node
@@ -158,7 +159,7 @@ pub(crate) async fn download(
                 limit: limits.max_bytes,
             });
         }
-        Ok(dl.bytes().await?.to_vec())
+        Ok(dl.bytes().await?)
     };
     match tokio::time::timeout(limits.timeout, work).await {
         Ok(r) => r,

@@ -206,10 +206,13 @@ impl Download {
         self.finish();
     }
 
-    /// The whole dataset in memory.
+    /// The whole dataset in memory. Check [`manifest`](Self::manifest)'s `dataset_size`
+    /// first when the dataset comes from a peer: it is held whole.
     pub async fn bytes(mut self) -> Result<Bytes> {
-        let mut out =
-            BytesMut::with_capacity(usize::try_from(self.manifest.dataset_size).unwrap_or(0));
+        // The manifest's size is the peer's word until the blocks arrive: reserve at most
+        // 64 MiB up front and let verified data grow the buffer past that.
+        let reserve = self.manifest.dataset_size.min(64 << 20);
+        let mut out = BytesMut::with_capacity(usize::try_from(reserve).unwrap_or(0));
         while let Some(chunk) = self.next().await {
             out.extend_from_slice(&chunk?);
         }

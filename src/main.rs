@@ -109,8 +109,38 @@ impl Default for Command {
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    limit_malloc_arenas();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async_main()),
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// glibc gives each thread that meets contention its own malloc arena (up to 8 per core),
+/// and memory freed into one arena is not reused by the others. A node moves blocks
+/// between its network, store and caller threads, so its resident memory grew to about
+/// twice what it used (the demo's member: 245 MB, against 88 MB with one arena). Two
+/// arenas keep the speed (the demo ran as fast) and most of the saving. An explicit
+/// `MALLOC_ARENA_MAX` wins. A client embedding the node makes this choice for its own
+/// process.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only sets an allocator parameter; called before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
     let cli = Cli::parse();
     // The node's own log (RUST_LOG, default warnings), on stderr.
     tracing_subscriber::fmt()

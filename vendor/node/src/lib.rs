@@ -7,6 +7,7 @@
 
 pub mod cid;
 pub mod config;
+pub mod discovery;
 pub mod error;
 mod key;
 pub mod manifest;

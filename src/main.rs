@@ -80,6 +80,9 @@ enum Command {
         /// How many times a missing block is asked for again, 2 s apart.
         #[arg(long, default_value_t = 3000)]
         block_retries: u32,
+        /// The discovery (DHT) UDP port; 0 picks a free one.
+        #[arg(long, default_value_t = 0)]
+        disc_port: u16,
     },
     /// The community history demo (the default): an owner and two member processes on
     /// 127.0.0.1 archive, pass on and check a generated community history.
@@ -171,7 +174,18 @@ async fn run(cli: Cli) -> Res<()> {
             listen,
             bootstrap,
             block_retries,
-        } => serve(&cli.data_dir, cli.quota, listen, bootstrap, block_retries).await,
+            disc_port,
+        } => {
+            serve(
+                &cli.data_dir,
+                cli.quota,
+                listen,
+                bootstrap,
+                block_retries,
+                disc_port,
+            )
+            .await
+        }
         command => {
             let node = open(&cli.data_dir, cli.quota).await?;
             let r = one(&node, command).await;
@@ -304,6 +318,7 @@ async fn serve(
     listen: String,
     bootstrap: Vec<String>,
     block_retries: u32,
+    disc_port: u16,
 ) -> Res<()> {
     use tokio::io::AsyncBufReadExt;
     std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
@@ -315,6 +330,7 @@ async fn serve(
         .data_dir(dir)
         .storage_quota(quota)
         .listen_addrs([listen])
+        .disc_port(disc_port)
         .block_retries(block_retries);
     for b in bootstrap {
         cfg = cfg.bootstrap_node(b);

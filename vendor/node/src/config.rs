@@ -12,6 +12,9 @@ use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
+/// The discovery UDP port when `disc-port` is not given (the reference's default).
+pub const DEFAULT_DISC_PORT: u16 = 8090;
+
 /// NAT handling (`nat`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Nat {
@@ -63,8 +66,8 @@ pub struct NodeConfig {
     pub listen_addrs: Vec<String>,
     /// `nat`.
     pub nat: Nat,
-    /// `disc-port`.
-    pub disc_port: u16,
+    /// `disc-port`; `None`: [`DEFAULT_DISC_PORT`], or a free port when that one is taken.
+    pub disc_port: Option<u16>,
     /// `net-privkey`, relative to `data_dir` unless absolute.
     pub net_privkey: PathBuf,
     /// `bootstrap-node`.
@@ -110,7 +113,7 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             listen_addrs: vec!["/ip4/0.0.0.0/tcp/0".into()],
             nat: Nat::Any,
-            disc_port: 8090,
+            disc_port: None,
             net_privkey: PathBuf::from("key"),
             bootstrap_nodes: Vec::new(),
             max_peers: 160,
@@ -157,7 +160,7 @@ impl NodeConfig {
                     }
                 }
                 "nat" => cfg.nat = parse_nat(k, string(k, v)?)?,
-                "disc-port" => cfg.disc_port = int(k, v, 0, u64::from(u16::MAX))? as u16,
+                "disc-port" => cfg.disc_port = Some(int(k, v, 0, u64::from(u16::MAX))? as u16),
                 "net-privkey" => cfg.net_privkey = PathBuf::from(non_empty(k, v)?),
                 "bootstrap-node" => {
                     cfg.bootstrap_nodes = strings(k, v)?;
@@ -451,7 +454,7 @@ mod tests {
         let cfg = NodeConfig::from_json("{}").unwrap();
         assert_eq!(cfg.storage_quota, 20 << 30);
         assert_eq!(cfg.block_ttl, Some(Duration::from_secs(30 * 86400)));
-        assert_eq!(cfg.disc_port, 8090);
+        assert_eq!(cfg.disc_port, None);
         assert_eq!(cfg.max_peers, 160);
         assert_eq!(cfg.block_retries, 3000);
         assert_eq!(

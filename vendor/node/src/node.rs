@@ -20,6 +20,7 @@ use crate::cid::Cid;
 use crate::config::NodeConfig;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
+use crate::net::dht::Dht;
 use crate::net::engine::Engine;
 use crate::net::fetch::{self, FetchConfig, FetchState};
 use crate::net::host::{Host, HostConfig};
@@ -145,6 +146,9 @@ struct Net {
     host: Arc<Host>,
     engine: Engine,
     spr: Spr,
+    dht: Dht,
+    /// Cancels the announcing loop.
+    cancel: CancellationToken,
 }
 
 /// A dataset download shared by everyone waiting for it; cancelled when the last of them
@@ -571,6 +575,7 @@ impl Node {
         }
         // Registered before this returns: the manifest is then stored, and blocks are
         // servable as they arrive.
+        let manifest_tree = manifest.tree_cid;
         let fill = self.blocking(move |s| s.fill(&cid, &manifest)).await?;
         // Checked once more under the lock the registration below holds.
         let mut fetches = lock(&self.inner.fetches);
@@ -583,7 +588,15 @@ impl Node {
         let cancel = self.inner.shutdown.child_token();
         let (state_tx, state) = watch::channel(FetchState::default());
         let task_cancel = cancel.clone();
+        // A node holding the manifest serves blocks as they arrive: announce it at once,
+        // and look for providers while the download runs.
+        let seeking = cancel.child_token();
+        if let Ok(dht) = self.dht() {
+            dht.announce(cid, manifest_tree);
+            self.handle.spawn(dht.seek(cid, seeking.clone()));
+        }
         self.handle.spawn(async move {
+            let _stop_seeking = seeking.drop_guard();
             let job = fetch::DatasetJob {
                 engine,
                 fill,
@@ -618,6 +631,12 @@ impl Node {
         let engine = engine.clone();
         let cfg = self.fetch_config();
         let cancel = self.inner.shutdown.child_token();
+        // Providers found in the DHT are dialled while the manifest is asked for.
+        let seeking = cancel.child_token();
+        if let Ok(dht) = self.dht() {
+            self.handle.spawn(dht.seek(cid, seeking.clone()));
+        }
+        let _stop_seeking = seeking.drop_guard();
         self.handle
             .spawn(async move { fetch::manifest(&engine, cid, cfg, &cancel).await })
             .await
@@ -629,6 +648,13 @@ impl Node {
             retries: self.inner.config.block_retries,
             ..FetchConfig::default()
         }
+    }
+
+    fn dht(&self) -> Result<Dht> {
+        lock(&self.inner.net)
+            .as_ref()
+            .map(|n| n.dht.clone())
+            .ok_or_else(|| Error::State("the node is not started".into()))
     }
 
     fn engine(&self) -> Result<Engine> {
@@ -655,14 +681,32 @@ impl Node {
 
     /// Connects to `peer` at `addrs`. Returns once connected.
     pub async fn connect(&self, peer: PeerId, addrs: Vec<libp2p::Multiaddr>) -> Result<()> {
-        if addrs.is_empty() {
-            return Err(Error::Invalid(
-                "no address given, and this node has no discovery to find the peer".into(),
-            ));
-        }
         if peer == self.inner.peer_id {
             return Err(Error::Invalid("cannot connect to this node itself".into()));
         }
+        let addrs = if addrs.is_empty() {
+            let dht = self.dht()?;
+            let found = self
+                .handle
+                .spawn(async move { dht.find_peer(&peer).await })
+                .await
+                .map_err(|e| Error::State(format!("finding the peer: {e}")))?;
+            match found {
+                Some(a) if !a.is_empty() => a,
+                Some(_) => {
+                    return Err(Error::Network(format!(
+                        "peer {peer} found through discovery, but its record has no TCP address"
+                    )))
+                }
+                None => {
+                    return Err(Error::Network(format!(
+                        "peer {peer} not found through discovery (DHT)"
+                    )))
+                }
+            }
+        } else {
+            addrs
+        };
         let host = self.host()?;
         self.handle
             .spawn(async move { host.dial(peer, addrs).await })
@@ -692,6 +736,8 @@ impl Node {
     fn stop_network(&self) {
         let net = lock(&self.inner.net).take();
         if let Some(net) = net {
+            net.cancel.cancel();
+            net.dht.stop();
             net.engine.stop();
             drop(net.host);
         }
@@ -798,10 +844,49 @@ impl Node {
             addrs: addrs.clone(),
             spr: self.spr().unwrap_or_default(),
             announce_addresses: addrs,
-            table: Table {
+            table: self.table(&id),
+        }
+    }
+
+    /// The discovery table for [`DebugInfo`].
+    fn table(&self, id: &str) -> Table {
+        let Ok(dht) = self.dht() else {
+            return Table {
                 local_node: serde_json::json!({ "peerId": id }),
                 nodes: Vec::new(),
-            },
+            };
+        };
+        let d = dht.discovery();
+        let node = |peer: String, node_id: String, record: &Spr, addr: String, seen: bool| {
+            serde_json::json!({
+                "peerId": peer,
+                "nodeId": node_id,
+                "record": record.to_string(),
+                "address": addr,
+                "seen": seen,
+            })
+        };
+        Table {
+            local_node: node(
+                id.to_owned(),
+                d.node_id().to_string(),
+                d.record(),
+                d.local_addr().to_string(),
+                true,
+            ),
+            nodes: d
+                .nodes()
+                .into_iter()
+                .map(|(c, seen)| {
+                    node(
+                        c.spr.peer_id().to_base58(),
+                        c.id.to_string(),
+                        &c.spr,
+                        c.addr.to_string(),
+                        seen >= 1.0,
+                    )
+                })
+                .collect(),
         }
     }
 
@@ -862,13 +947,24 @@ async fn start_network(node: Node) -> Result<Net> {
         events,
     )
     .await?;
-    let seq = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_secs());
-    let spr = crate::net::spr::sign(&node.inner.key, seq, &host.info().listen)
-        .map_err(|e| Error::Network(format!("signing the peer record: {e}")))?;
     let host = Arc::new(host);
     let engine = Engine::start(node.store()?, Arc::clone(&host), peer_events)?;
+    let dht = match Dht::start(&node.inner.key, cfg, Arc::clone(&host), bootstrap.clone()).await {
+        Ok(d) => d,
+        Err(e) => {
+            engine.stop();
+            return Err(e);
+        }
+    };
+    // The node's record, as `codex_spr` gives it: the discovery address first (what the
+    // reference's DHT reads), then the TCP addresses libp2p dials.
+    let spr = dht.discovery().record().clone();
+    let cancel = node.inner.shutdown.child_token();
+    tokio::spawn(dht.clone().advertise(
+        node.store()?,
+        node.inner.events.subscribe(),
+        cancel.clone(),
+    ));
     for record in bootstrap {
         let host = Arc::clone(&host);
         tokio::spawn(async move {
@@ -891,7 +987,13 @@ async fn start_network(node: Node) -> Result<Net> {
             }
         });
     }
-    Ok(Net { host, engine, spr })
+    Ok(Net {
+        host,
+        engine,
+        spr,
+        dht,
+        cancel,
+    })
 }
 
 /// Drops the last handle of the store, waiting (bounded) for tasks that still hold it.

@@ -75,6 +75,8 @@ pub struct DiscoveryConfig {
     pub bootstrap: Vec<Spr>,
     /// How long a request (handshake included) may take.
     pub request_timeout: Duration,
+    /// Whether a port in use is waited for (briefly) instead of refused at once.
+    pub wait_for_port: bool,
 }
 
 impl Default for DiscoveryConfig {
@@ -85,6 +87,7 @@ impl Default for DiscoveryConfig {
             tcp_addrs: Vec::new(),
             bootstrap: Vec::new(),
             request_timeout: Duration::from_secs(2),
+            wait_for_port: false,
         }
     }
 }
@@ -142,9 +145,7 @@ impl Discovery {
                 key: "net-privkey".into(),
                 message: "discovery needs a secp256k1 node key".into(),
             })?;
-        let socket = UdpSocket::bind(cfg.bind)
-            .await
-            .map_err(|e| Error::Network(format!("binding the discovery port {}: {e}", cfg.bind)))?;
+        let socket = bind(cfg.bind, cfg.wait_for_port).await?;
         let local = socket
             .local_addr()
             .map_err(|e| Error::Network(format!("discovery socket address: {e}")))?;
@@ -503,6 +504,26 @@ impl Discovery {
             if last_expire.elapsed() >= EXPIRE {
                 lock(&self.inner.providers).expire(Instant::now());
                 last_expire = Instant::now();
+            }
+        }
+    }
+}
+
+/// Binds the UDP socket. With `wait`, a port in use is tried again for up to a second: a
+/// node of this process that was just stopped may still be releasing it.
+async fn bind(addr: SocketAddr, wait: bool) -> Result<UdpSocket> {
+    let mut tries = 0;
+    loop {
+        match UdpSocket::bind(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) if wait && e.kind() == std::io::ErrorKind::AddrInUse && tries < 20 => {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                return Err(Error::Network(format!(
+                    "binding the discovery port {addr}: {e}"
+                )))
             }
         }
     }

@@ -1,5 +1,6 @@
 //! The node's network: libp2p host, block exchange.
 
+pub mod dht;
 pub mod engine;
 pub mod fetch;
 pub mod host;

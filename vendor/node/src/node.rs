@@ -969,15 +969,7 @@ async fn start_network(node: Node) -> Result<Net> {
         let host = Arc::clone(&host);
         tokio::spawn(async move {
             let peer = record.peer_id();
-            let addrs: Vec<libp2p::Multiaddr> = record
-                .addrs()
-                .iter()
-                .filter(|a| {
-                    a.iter()
-                        .any(|p| matches!(p, libp2p::multiaddr::Protocol::Tcp(_)))
-                })
-                .cloned()
-                .collect();
+            let addrs = crate::net::dht::tcp_addrs(&record);
             if addrs.is_empty() {
                 tracing::warn!(%peer, "bootstrap record has no TCP address; skipped");
                 return;

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{FuturesUnordered, StreamExt};
@@ -35,6 +35,7 @@ use super::table::{Contact, Table, BUCKET_SIZE};
 use super::{rand_bytes, NodeId};
 use crate::error::{Error, Result};
 use crate::net::spr::{self, Spr};
+use crate::store::lock;
 use crate::Cid;
 
 /// Concurrent requests of a lookup.
@@ -120,10 +121,6 @@ enum Command {
         request: Request,
         reply: Option<oneshot::Sender<Result<Vec<Response>>>>,
     },
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn now_secs() -> u64 {

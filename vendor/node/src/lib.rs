@@ -5,6 +5,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod bits;
 pub mod cid;
 pub mod config;
 pub mod discovery;

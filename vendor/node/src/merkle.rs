@@ -228,6 +228,72 @@ fn depth(leaves: u64) -> usize {
     d
 }
 
+/// Computes a tree's root from its leaves given in order, holding one pending node per
+/// layer: the root of a dataset of any size in a few hundred bytes.
+#[derive(Debug)]
+pub(crate) struct RootBuilder {
+    leaves: u64,
+    pushed: u64,
+    /// `pending[l]`: a node of layer `l` waiting for its right sibling.
+    pending: Vec<Option<Digest32>>,
+}
+
+impl RootBuilder {
+    /// A builder for a tree of `leaves` leaves.
+    pub(crate) fn new(leaves: u64) -> Self {
+        Self {
+            leaves,
+            pushed: 0,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Adds the next leaf.
+    pub(crate) fn push(&mut self, leaf: Digest32) {
+        self.pushed += 1;
+        self.carry(0, leaf);
+    }
+
+    fn carry(&mut self, mut level: usize, mut node: Digest32) {
+        loop {
+            if self.pending.len() <= level {
+                self.pending.resize(level + 1, None);
+            }
+            match self.pending[level].take() {
+                Some(left) => {
+                    node = compress(&left, &node, u8::from(level == 0));
+                    level += 1;
+                }
+                None => {
+                    self.pending[level] = Some(node);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The root, or `None` unless exactly the announced number of leaves was pushed.
+    pub(crate) fn finish(mut self) -> Option<Digest32> {
+        if self.pushed != self.leaves || self.leaves == 0 {
+            return None;
+        }
+        // Bottom-up, the node left pending on a layer is its odd last node: it rises paired
+        // with zeros, and becomes the last node of the layer above.
+        let (mut level, mut count) = (0usize, self.leaves);
+        loop {
+            if level > 0 && count == 1 {
+                return self.pending.get_mut(level).and_then(Option::take);
+            }
+            if let Some(x) = self.pending.get_mut(level).and_then(Option::take) {
+                let parent = compress(&x, &ZERO, u8::from(level == 0) + 2);
+                self.carry(level + 1, parent);
+            }
+            level += 1;
+            count = count.div_ceil(2);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,5 +388,23 @@ mod tests {
         assert!(p.root_from(&tree.leaves()[1]).is_none());
         assert!(Proof::decode(&[0x22, 0x03, 0x0a, 0x01, 0x00]).is_err());
         assert!(Proof::decode(&[0x08, 0x13]).is_err());
+    }
+
+    #[test]
+    fn root_builder_matches_the_whole_tree() {
+        for n in 1..130u64 {
+            let leaves: Vec<Digest32> = (0..n)
+                .map(|i| Sha256::digest(i.to_le_bytes()).into())
+                .collect();
+            let mut b = RootBuilder::new(n);
+            for l in &leaves {
+                b.push(*l);
+            }
+            let tree = CodexTree::new(leaves).unwrap();
+            assert_eq!(b.finish(), Some(tree.root()), "{n} leaves");
+        }
+        let mut short = RootBuilder::new(3);
+        short.push(ZERO);
+        assert_eq!(short.finish(), None);
     }
 }

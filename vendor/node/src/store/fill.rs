@@ -11,18 +11,20 @@
 
 use std::collections::HashSet;
 use std::fs::File;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, OptionalExtension, TransactionBehavior, MAIN_DB};
 
 use super::{io_err, lock, Store};
+use crate::bits::Bits;
 use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
-use crate::merkle::{CodexTree, Proof};
+use crate::merkle::{Proof, RootBuilder};
 
 /// Blocks written before their metadata is committed in one transaction.
 const FLUSH_EVERY: usize = 64;
@@ -42,10 +44,11 @@ pub struct TreeFill {
     leaves: u64,
     file: File,
     /// Leaf indices held (committed or pending).
-    have: Vec<bool>,
+    have: Bits,
     missing: u64,
-    /// Distinct digests this tree holds, committed or pending.
-    digests: HashSet<Digest32>,
+    /// Distinct digests a complete tree being repaired holds. A partial tree asks its
+    /// `partial` rows instead, so a download keeps no per-block state but one bit.
+    digests: Option<HashSet<Digest32>>,
     /// The leaves of a complete tree being repaired; `None` while partial.
     known: Option<Vec<Digest32>>,
     pending: Vec<(u64, Digest32, Vec<u8>)>,
@@ -168,28 +171,25 @@ impl Store {
             )?;
             tx.execute("UPDATE trees SET refs = refs + 1 WHERE id = ?1", [tree_id])?;
         }
-        let mut have = vec![true; leaves as usize];
-        let digests = super::held_digests(&tx, tree_id)?;
-        match &known {
+        let (have, digests) = match &known {
             Some(_) => {
+                let mut have = Bits::full(leaves);
                 let mut stmt = tx.prepare("SELECT idx FROM holes WHERE tree_id = ?1")?;
                 for i in stmt.query_map([tree_id], |r| r.get::<_, i64>(0))? {
-                    if let Some(h) = have.get_mut(i? as usize) {
-                        *h = false;
-                    }
+                    have.set(i? as u64, false);
                 }
+                (have, Some(super::held_digests(&tx, tree_id)?))
             }
             None => {
-                have.fill(false);
+                let mut have = Bits::new(leaves);
                 let mut stmt = tx.prepare("SELECT idx FROM partial WHERE tree_id = ?1")?;
                 for i in stmt.query_map([tree_id], |r| r.get::<_, i64>(0))? {
-                    if let Some(h) = have.get_mut(i? as usize) {
-                        *h = true;
-                    }
+                    have.set(i? as u64, true);
                 }
+                (have, None)
             }
-        }
-        let missing = have.iter().filter(|h| !**h).count() as u64;
+        };
+        let missing = leaves - have.count();
         let reserve = missing * block_size + added;
         self.reserve(reserve)?;
         let file = File::options()
@@ -256,7 +256,12 @@ impl TreeFill {
 
     /// Whether block `index` is held (stored or pending).
     pub fn has(&self, index: u64) -> bool {
-        self.have.get(index as usize).copied().unwrap_or(false)
+        self.have.get(index)
+    }
+
+    /// The blocks held (stored or pending), one bit each.
+    pub(crate) fn held(&self) -> &Bits {
+        &self.have
     }
 
     /// Blocks still missing.
@@ -313,7 +318,7 @@ impl TreeFill {
                 "writing block {index} of {}",
                 self.tree_cid
             )))?;
-        self.have[index as usize] = true;
+        self.have.set(index, true);
         self.pending.push((index, digest, proof.encode()));
         if self.pending.len() >= FLUSH_EVERY {
             self.flush()?;
@@ -374,7 +379,15 @@ impl TreeFill {
             )?;
             let mut hole =
                 tx.prepare_cached("DELETE FROM holes WHERE tree_id = ?1 AND idx = ?2")?;
+            let mut held = tx.prepare_cached(
+                "SELECT 1 FROM partial WHERE digest = ?2 AND tree_id = ?1 LIMIT 1",
+            )?;
             for (index, digest, proof) in &pending {
+                // Whether the tree already holds this content at another index.
+                let new_digest = match &self.digests {
+                    Some(set) => !set.contains(digest),
+                    None => !held.exists(params![self.tree_id, digest])?,
+                };
                 let stored = if self.known.is_some() {
                     hole.execute(params![self.tree_id, *index as i64])?
                 } else {
@@ -384,7 +397,10 @@ impl TreeFill {
                     continue;
                 }
                 committed += 1;
-                if self.digests.insert(*digest) {
+                if let Some(set) = &mut self.digests {
+                    set.insert(*digest);
+                }
+                if new_digest {
                     let cid = Cid::from_digest(CidKind::Block, *digest).to_bytes();
                     let at = *index as i64;
                     if insert.execute(params![
@@ -408,18 +424,13 @@ impl TreeFill {
             |r| r.get(0),
         )?;
         if missing <= 0 && self.known.is_none() {
-            let leaves = assemble(&tx, self.tree_id, self.leaves)?;
-            let tree = CodexTree::new(leaves)?;
-            if tree.cid() != self.tree_cid {
+            let root = assemble(&tx, self.tree_id, self.leaves)?;
+            if root != self.tree_cid.digest() {
                 return Err(Error::Corrupt {
                     cid: self.tree_cid.to_string(),
                     detail: "the received leaves do not hash to the tree root".into(),
                 });
             }
-            tx.execute(
-                "UPDATE trees SET leaves = ?2, missing = 0 WHERE id = ?1",
-                params![self.tree_id, tree.leaves().concat()],
-            )?;
             tx.execute("DELETE FROM partial WHERE tree_id = ?1", [self.tree_id])?;
         }
         tx.commit()?;
@@ -441,27 +452,46 @@ impl TreeFill {
     }
 }
 
-/// The leaf digests of a partial tree that holds every leaf, in order.
-fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<Vec<Digest32>> {
+/// Moves the leaves of a partial tree that holds every leaf into its `leaves` blob, in
+/// order and a slice at a time, and returns the root they hash to. Memory stays flat
+/// whatever the size of the dataset.
+fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<Digest32> {
+    const SLICE: usize = 64 * 1024;
+    let lost = |e: std::io::Error| Error::io("writing the leaves of a completed tree", e);
+    tx.execute(
+        "UPDATE trees SET leaves = zeroblob(?2), missing = 0 WHERE id = ?1",
+        params![tree_id, (count * 32) as i64],
+    )?;
+    let mut blob = tx.blob_open(MAIN_DB, c"trees", c"leaves", tree_id, false)?;
     let mut stmt = tx.prepare("SELECT idx, digest FROM partial WHERE tree_id = ?1 ORDER BY idx")?;
     let rows = stmt.query_map([tree_id], |r| {
         Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
     })?;
-    let mut leaves = Vec::with_capacity(count as usize);
+    let mut root = RootBuilder::new(count);
+    let mut next = 0u64;
+    let mut buf = Vec::with_capacity(SLICE);
     for row in rows {
         let (idx, digest) = row?;
-        if idx as usize != leaves.len() {
+        let leaf: Digest32 = digest.try_into().map_err(|_| Error::Corrupt {
+            cid: format!("tree row {tree_id}"),
+            detail: format!("leaf {idx} is not a 32-byte digest"),
+        })?;
+        if idx as u64 != next {
             return Err(Error::State(format!(
-                "leaf {} of a completed tree is absent",
-                leaves.len()
+                "leaf {next} of a completed tree is absent"
             )));
         }
-        leaves.push(digest.try_into().unwrap_or([0; 32]));
+        next += 1;
+        root.push(leaf);
+        buf.extend_from_slice(&leaf);
+        if buf.len() >= SLICE {
+            blob.write_all(&buf).map_err(lost)?;
+            buf.clear();
+        }
     }
-    if leaves.len() as u64 != count {
-        return Err(Error::State("a completed tree lacks leaves".into()));
-    }
-    Ok(leaves)
+    blob.write_all(&buf).map_err(lost)?;
+    root.finish()
+        .ok_or_else(|| Error::State("a completed tree lacks leaves".into()))
 }
 
 impl Drop for TreeFill {

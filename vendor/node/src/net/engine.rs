@@ -93,6 +93,8 @@ struct Shared {
     banned: Mutex<HashMap<PeerId, Instant>>,
     /// Inbound streams open per peer.
     inbound: Mutex<HashMap<PeerId, usize>>,
+    /// Block bytes all downloads may have asked for and not yet written.
+    budget: Arc<super::fetch::Budget>,
     stop: CancellationToken,
 }
 
@@ -128,6 +130,11 @@ impl Drop for Route {
 }
 
 impl Engine {
+    /// The budget of block bytes the node's downloads share.
+    pub(crate) fn budget(&self) -> &Arc<super::fetch::Budget> {
+        &self.shared.budget
+    }
+
     /// Starts serving `store` over `host`. `events` are the host's peer events.
     pub fn start(
         store: Arc<Store>,
@@ -146,6 +153,7 @@ impl Engine {
                 routes: Mutex::new(HashMap::new()),
                 banned: Mutex::new(HashMap::new()),
                 inbound: Mutex::new(HashMap::new()),
+                budget: Arc::new(super::fetch::Budget::new(super::fetch::FETCH_BUDGET)),
                 stop: CancellationToken::new(),
             }),
         };

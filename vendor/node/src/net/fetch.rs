@@ -8,6 +8,7 @@
 //! by its proof under the tree root. A peer that sends a bad block is dropped.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::engine::{Engine, Inbound};
 use super::message::{BlockAddress, Entry, Message, WantType};
+use crate::bits::Bits;
 use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -28,6 +30,11 @@ use crate::store::TreeFill;
 
 /// Blocks requested and not yet received, over all providers.
 const WINDOW: usize = 512;
+
+/// Bytes of block data the downloads of one node may have asked for and not yet written,
+/// all together: what the node holds in memory for downloads does not grow with their
+/// number or size. Each running download may use an equal share.
+pub(crate) const FETCH_BUDGET: u64 = 32 << 20;
 
 /// Blocks requested from one provider at once.
 const PER_PEER: usize = 256;
@@ -157,6 +164,147 @@ enum Written {
     },
 }
 
+/// The node-wide budget of block bytes requested and not yet written ([`FETCH_BUDGET`]),
+/// shared fairly by the downloads running at once.
+#[derive(Debug)]
+pub(crate) struct Budget {
+    total: u64,
+    state: std::sync::Mutex<BudgetState>,
+}
+
+#[derive(Debug)]
+struct BudgetState {
+    free: u64,
+    downloads: u64,
+}
+
+impl Budget {
+    /// A budget of `total` bytes.
+    pub(crate) fn new(total: u64) -> Self {
+        Self {
+            total,
+            state: std::sync::Mutex::new(BudgetState {
+                free: total,
+                downloads: 0,
+            }),
+        }
+    }
+
+    /// Joins the budget for one download.
+    fn lease(self: &Arc<Self>) -> Lease {
+        crate::store::lock(&self.state).downloads += 1;
+        Lease {
+            budget: Arc::clone(self),
+            held: 0,
+        }
+    }
+}
+
+/// One download's part of the [`Budget`]; gives back what it holds when dropped.
+#[derive(Debug)]
+struct Lease {
+    budget: Arc<Budget>,
+    held: u64,
+}
+
+impl Lease {
+    /// Takes `bytes` if the budget has them and this download stays within its share.
+    fn take(&mut self, bytes: u64) -> bool {
+        let mut st = crate::store::lock(&self.budget.state);
+        let share = self.budget.total / st.downloads.max(1);
+        // A download always gets one block, whatever its size or the share.
+        let fits = self.held == 0 || self.held + bytes <= share;
+        if fits && (st.free >= bytes || self.held == 0) {
+            st.free = st.free.saturating_sub(bytes);
+            self.held += bytes;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn give(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.held);
+        self.held -= bytes;
+        let mut st = crate::store::lock(&self.budget.state);
+        st.free = (st.free + bytes).min(self.budget.total);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut st = crate::store::lock(&self.budget.state);
+        st.free = (st.free + self.held).min(self.budget.total);
+        st.downloads = st.downloads.saturating_sub(1);
+    }
+}
+
+/// Blocks neither held nor requested: those never asked for, walked in index order by a
+/// cursor that skips the blocks held when the download started, and those to ask again.
+/// One bit per block, whatever the size of the dataset.
+struct Todo {
+    held_at_start: Bits,
+    /// Every block below it that was not held at the start has been handed out.
+    next: u64,
+    again: BTreeSet<u64>,
+    left: u64,
+}
+
+impl Todo {
+    fn new(held: &Bits, leaves: u64) -> Self {
+        Self {
+            next: held.next_absent(0).unwrap_or(leaves),
+            left: leaves - held.count(),
+            held_at_start: held.clone(),
+            again: BTreeSet::new(),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.left == 0
+    }
+
+    fn len(&self) -> u64 {
+        self.left
+    }
+
+    /// The lowest block to do.
+    fn first(&self) -> Option<u64> {
+        let fresh = (self.next < self.held_at_start.len()).then_some(self.next);
+        match (self.again.first(), fresh) {
+            (Some(a), Some(f)) => Some((*a).min(f)),
+            (a, f) => a.copied().or(f),
+        }
+    }
+
+    /// Hands out the lowest block not in `refused`.
+    fn take(&mut self, refused: &HashSet<u64>) -> Option<u64> {
+        if let Some(i) = self.again.iter().find(|i| !refused.contains(i)).copied() {
+            self.again.remove(&i);
+            self.left -= 1;
+            return Some(i);
+        }
+        let len = self.held_at_start.len();
+        if self.next >= len {
+            return None;
+        }
+        let i = self.next;
+        self.next = self.held_at_start.next_absent(i + 1).unwrap_or(len);
+        self.left -= 1;
+        Some(i)
+    }
+
+    /// Puts a handed-out block back; false if it was to do already.
+    fn put_back(&mut self, i: u64) -> bool {
+        // Blocks ahead of the cursor or held from the start were never handed out.
+        if i >= self.next || self.held_at_start.get(i) || !self.again.insert(i) {
+            return false;
+        }
+        self.left += 1;
+        true
+    }
+}
+
 struct Flight {
     peer: PeerId,
     since: Instant,
@@ -199,9 +347,10 @@ pub async fn dataset(
         cfg,
     } = job;
     let tree = *fill.tree_cid();
-    let todo: BTreeSet<u64> = (0..fill.leaves()).filter(|i| !fill.has(*i)).collect();
-    let stored = fill.leaves() - todo.len() as u64;
-    let prefix = todo.first().copied().unwrap_or(fill.leaves());
+    let block_size = fill.block_size();
+    let todo = Todo::new(fill.held(), fill.leaves());
+    let stored = fill.leaves() - todo.len();
+    let prefix = todo.first().unwrap_or(fill.leaves());
     state.send_replace(FetchState {
         prefix,
         stored,
@@ -211,6 +360,7 @@ pub async fn dataset(
     if fill.is_complete() {
         return Ok(());
     }
+    let fill_leaves = fill.leaves();
     let (tx, mut inbound) = mpsc::channel(WRITE_QUEUE);
     let _route_tree = engine.route(tree, tx.clone());
     let _route_manifest = engine.route(mcid, tx);
@@ -226,6 +376,9 @@ pub async fn dataset(
         mcid,
         tree,
         todo,
+        lease: engine.budget().lease(),
+        charged: Bits::new(fill_leaves),
+        block_size,
         inflight: HashMap::new(),
         asked: HashMap::new(),
         providers: HashMap::new(),
@@ -326,6 +479,7 @@ pub async fn dataset(
                     Ok(()) => {
                         s.asked.remove(&index);
                         s.tries.remove(&index);
+                        s.release(index);
                     }
                     Err(Error::Corrupt { detail, .. }) => {
                         engine.penalise(&peer, &detail);
@@ -368,7 +522,12 @@ struct Scheduler {
     mcid: Cid,
     tree: Cid,
     /// Blocks neither held nor requested.
-    todo: BTreeSet<u64>,
+    todo: Todo,
+    /// This download's part of the node's budget of block bytes in memory.
+    lease: Lease,
+    /// Blocks charged to the lease: handed out and not yet written (or put back).
+    charged: Bits,
+    block_size: u64,
     inflight: HashMap<u64, Flight>,
     /// Peers each outstanding block was asked of (late answers from them are accepted).
     asked: HashMap<u64, Vec<PeerId>>,
@@ -430,10 +589,14 @@ impl Scheduler {
                 if p.inflight >= PER_PEER || (p.inflight > PER_PEER / 2 && !topping_up) {
                     continue;
                 }
-                let Some(index) = self.todo.iter().find(|i| !p.refused.contains(i)).copied() else {
+                if !self.lease.take(self.block_size) {
+                    break;
+                }
+                let Some(index) = self.todo.take(&p.refused) else {
+                    self.lease.give(self.block_size);
                     continue;
                 };
-                self.todo.remove(&index);
+                self.charged.set(index, true);
                 p.inflight += 1;
                 self.inflight.insert(
                     index,
@@ -473,7 +636,21 @@ impl Scheduler {
     /// An outstanding request goes back to be asked again.
     fn undo(&mut self, index: u64) {
         if self.arrived(index) {
-            self.todo.insert(index);
+            self.put_back(index);
+        }
+    }
+
+    /// A handed-out block goes back to be asked again, and gives back its budget.
+    fn put_back(&mut self, index: u64) {
+        self.todo.put_back(index);
+        self.release(index);
+    }
+
+    /// Gives back the budget a block holds (it was written, or put back).
+    fn release(&mut self, index: u64) {
+        if self.charged.get(index) {
+            self.charged.set(index, false);
+            self.lease.give(self.block_size);
         }
     }
 
@@ -494,7 +671,7 @@ impl Scheduler {
         if let Some(a) = self.asked.get_mut(&index) {
             a.retain(|p| p != peer);
         }
-        self.todo.insert(index);
+        self.put_back(index);
     }
 
     fn peer_gone(&mut self, peer: &PeerId) {
@@ -507,7 +684,7 @@ impl Scheduler {
             .collect();
         for i in lost {
             self.inflight.remove(&i);
-            self.todo.insert(i);
+            self.put_back(i);
         }
     }
 
@@ -625,4 +802,52 @@ fn commit(fill: &mut TreeFill, prefix: &mut u64, stored: u64, tx: &mpsc::Sender<
         complete: fill.is_complete(),
     })
     .is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn todo_walks_missing_blocks_in_order_and_takes_back_handed_out_ones() {
+        let mut held = Bits::new(7);
+        held.set(1, true);
+        held.set(3, true);
+        let mut todo = Todo::new(&held, 7);
+        assert_eq!((todo.len(), todo.first()), (5, Some(0)));
+        let none = HashSet::new();
+        assert_eq!(todo.take(&none), Some(0));
+        assert_eq!(todo.take(&none), Some(2));
+        assert_eq!(todo.first(), Some(4));
+        // A block still ahead of the cursor, or held from the start, is not put back twice.
+        assert!(!todo.put_back(5) && !todo.put_back(1));
+        assert!(todo.put_back(2) && !todo.put_back(2));
+        assert_eq!((todo.len(), todo.first()), (4, Some(2)));
+        // A block a provider refused goes to another one, or waits.
+        let refused: HashSet<u64> = [2].into();
+        assert_eq!(todo.take(&refused), Some(4));
+        assert_eq!(todo.take(&none), Some(2));
+        assert_eq!(todo.take(&none), Some(5));
+        assert_eq!(todo.take(&none), Some(6));
+        assert_eq!((todo.take(&none), todo.is_empty()), (None, true));
+    }
+
+    #[test]
+    fn downloads_share_the_budget() {
+        let budget = Arc::new(Budget::new(4));
+        let mut a = budget.lease();
+        assert!((0..4).all(|_| a.take(1)) && !a.take(1));
+        // A second download gets a block at once, and half the budget as the first gives
+        // back what it holds beyond its new share.
+        let mut b = budget.lease();
+        assert!(b.take(1) && !b.take(1));
+        a.give(2);
+        assert!(!a.take(1), "the first download is at its share");
+        assert!(b.take(1) && !b.take(1));
+        drop(a);
+        assert!(b.take(1) && b.take(1) && !b.take(1));
+        drop(b);
+        let mut c = budget.lease();
+        assert!((0..4).all(|_| c.take(1)) && !c.take(1));
+    }
 }

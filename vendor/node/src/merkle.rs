@@ -20,8 +20,9 @@ fn compress(x: &Digest32, y: &Digest32, key: u8) -> Digest32 {
     h.finalize().into()
 }
 
-/// The layer above `layer`; `bottom` selects the bottom-layer keys.
-fn next_layer(layer: &[Digest32], bottom: bool) -> Vec<Digest32> {
+/// The layer above `layer`; `bottom` selects the bottom-layer keys. `layer` may be a run
+/// of a longer layer that starts at an even index; only a layer's end has an odd node.
+pub(crate) fn next_layer(layer: &[Digest32], bottom: bool) -> Vec<Digest32> {
     let base = u8::from(bottom);
     layer
         .chunks(2)
@@ -215,6 +216,18 @@ fn check_mcodec(mcodec: u64) -> Result<(), DecodeError> {
     } else {
         Err(DecodeError("proof hash is not SHA-256"))
     }
+}
+
+/// The number of nodes in each layer of a tree with `leaves` leaves, leaves first, root
+/// last (at least two layers).
+pub(crate) fn layer_sizes(leaves: u64) -> Vec<u64> {
+    let mut sizes = vec![leaves];
+    let mut m = leaves;
+    while sizes.len() < 2 || m > 1 {
+        m = m.div_ceil(2);
+        sizes.push(m);
+    }
+    sizes
 }
 
 /// The number of layers above the leaves of a tree with `leaves` leaves.

@@ -3,6 +3,8 @@
 //! Layout:
 //! - `repo.sqlite3`: metadata (trees, blocks with size, expiry and reference count, manifests);
 //! - `blocks/<treeCid>.dat`: the padded blocks of one tree, block `i` at `i * blockSize`;
+//! - `blocks/<treeCid>.tree`: every layer of a complete tree, derived from its leaves and
+//!   read a few digests at a time to serve proofs (see `tree_file`);
 //! - `tmp/`: uploads in progress, renamed into `blocks/` just before their metadata commits.
 //!
 //! Blocks are de-duplicated by CID for accounting: the quota counts each distinct block once,
@@ -22,7 +24,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior, MAIN_DB};
 use sha2::{Digest, Sha256};
 
 use crate::cid::{Cid, CidKind, Digest32};
@@ -31,7 +33,10 @@ use crate::manifest::Manifest;
 use crate::merkle::{CodexTree, Proof};
 
 mod fill;
+mod tree_file;
+
 pub use fill::TreeFill;
+use tree_file::TreeFile;
 
 /// Current schema version (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 2;
@@ -149,7 +154,7 @@ pub struct Store {
 struct TreeEntry {
     id: i64,
     /// `None` while the tree is partial: its leaves and proofs are then rows of `partial`.
-    tree: Option<CodexTree>,
+    tree: Option<TreeFile>,
     leaf_count: u64,
     block_size: u64,
     file: File,
@@ -229,6 +234,7 @@ impl Store {
             for row in rows {
                 if let Ok(cid) = Cid::from_bytes(&row?) {
                     known.insert(format!("{cid}.dat"));
+                    known.insert(format!("{cid}.tree"));
                 }
             }
             known
@@ -534,6 +540,44 @@ impl Store {
         self.dir.join("blocks").join(format!("{tree_cid}.dat"))
     }
 
+    /// Where a complete tree's layers live ([`TreeFile`]).
+    fn layers_path(&self, tree_cid: &Cid) -> PathBuf {
+        self.dir.join("blocks").join(format!("{tree_cid}.tree"))
+    }
+
+    /// Opens a complete tree's layer file, building it from the `leaves` blob when it is
+    /// missing or does not match the tree.
+    fn layers(&self, tree_cid: &Cid, id: i64, leaf_count: u64) -> Result<TreeFile> {
+        let path = self.layers_path(tree_cid);
+        let root = tree_cid.digest();
+        if let Some(t) = TreeFile::open(&path, leaf_count, &root)? {
+            return Ok(t);
+        }
+        let built = {
+            let db = lock(&self.db);
+            let leaves = db.blob_open(MAIN_DB, c"trees", c"leaves", id, true)?;
+            TreeFile::build(&path, leaf_count, leaves)?
+        };
+        if built != root {
+            let _ = fs::remove_file(&path);
+            return Err(Error::Corrupt {
+                cid: tree_cid.to_string(),
+                detail: "stored leaves do not hash to the tree root".into(),
+            });
+        }
+        TreeFile::open(&path, leaf_count, &root)?.ok_or_else(|| {
+            Error::State(format!(
+                "the layer file of {tree_cid} is unusable once built"
+            ))
+        })
+    }
+
+    /// Removes a layer file that gave a bad proof, so that the next read builds it again.
+    fn drop_layers(&self, tree_cid: &Cid) {
+        self.forget_tree(tree_cid);
+        let _ = fs::remove_file(self.layers_path(tree_cid));
+    }
+
     /// Opens a tree for reading (cached), checking a complete tree's leaves against its CID.
     fn open_tree(&self, tree_cid: &Cid) -> Result<Arc<TreeEntry>> {
         loop {
@@ -560,30 +604,19 @@ impl Store {
 
     /// Reads a tree's metadata from the database and opens its file.
     fn read_tree(&self, tree_cid: &Cid) -> Result<Arc<TreeEntry>> {
-        let row: Option<(i64, i64, i64, Vec<u8>)> = lock(&self.db)
+        let row: Option<(i64, i64, i64, bool)> = lock(&self.db)
             .query_row(
-                "SELECT id, block_size, leaf_count, leaves FROM trees WHERE cid = ?1",
+                "SELECT id, block_size, leaf_count, length(leaves) > 0 FROM trees WHERE cid = ?1",
                 [tree_cid.to_bytes()],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
-        let (id, block_size, leaf_count, leaves) =
+        let (id, block_size, leaf_count, complete) =
             row.ok_or_else(|| Error::NotFound(format!("tree {tree_cid}")))?;
-        let tree = if leaves.is_empty() {
-            None
+        let tree = if complete {
+            Some(self.layers(tree_cid, id, leaf_count as u64)?)
         } else {
-            let leaves: Vec<Digest32> = leaves
-                .chunks_exact(32)
-                .map(|c| c.try_into().unwrap_or([0; 32]))
-                .collect();
-            let tree = CodexTree::new(leaves)?;
-            if tree.cid() != *tree_cid {
-                return Err(Error::Corrupt {
-                    cid: tree_cid.to_string(),
-                    detail: "stored leaves do not hash to the tree root".into(),
-                });
-            }
-            Some(tree)
+            None
         };
         let path = self.tree_path(tree_cid);
         let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
@@ -620,7 +653,7 @@ impl Store {
     fn read_leaf(&self, tree_cid: &Cid, entry: &TreeEntry, index: u64) -> Result<Bytes> {
         let absent = || Error::NotFound(format!("block {index} of tree {tree_cid}"));
         let leaf = match &entry.tree {
-            Some(tree) => *tree.leaves().get(index as usize).ok_or_else(absent)?,
+            Some(tree) => tree.leaf(index)?.ok_or_else(absent)?,
             None => self.partial_leaf(entry, index)?.ok_or_else(absent)?.0,
         };
         self.read_verified(tree_cid, entry, index, &leaf)
@@ -707,10 +740,14 @@ impl Store {
         let entry = self.open_tree(tree_cid)?;
         let absent = || Error::NotFound(format!("block {index} of tree {tree_cid}"));
         let (leaf, proof) = match &entry.tree {
-            Some(tree) => (
-                *tree.leaves().get(index as usize).ok_or_else(absent)?,
-                tree.proof(index)?,
-            ),
+            Some(tree) => match tree.leaf_and_proof(index) {
+                Ok(found) => found.ok_or_else(absent)?,
+                Err(e) => {
+                    tracing::error!(tree = %tree_cid, error = %e, "rebuilding a damaged layer file");
+                    self.drop_layers(tree_cid);
+                    return Err(e);
+                }
+            },
             None => {
                 let (leaf, proof) = self.partial_leaf(&entry, index)?.ok_or_else(absent)?;
                 (leaf, Proof::decode(&proof)?)
@@ -852,6 +889,7 @@ impl Store {
                 if let Err(e) = fs::remove_file(&path) {
                     tracing::warn!(path = %path.display(), error = %e, "could not remove data file");
                 }
+                let _ = fs::remove_file(self.layers_path(&tree));
             } else {
                 tx.commit()?;
             }
@@ -1769,10 +1807,9 @@ mod tests {
     #[test]
     fn data_survives_reopen_and_interrupted_uploads_are_cleaned() {
         let dir = tempfile::tempdir().unwrap();
-        let cid = {
+        let (cid, m) = {
             let store = open(dir.path(), 1 << 30);
-            let (cid, _) = upload(&store, b"persistent", 1024).unwrap();
-            cid
+            upload(&store, b"persistent", 1024).unwrap()
         };
         // What a process killed mid-upload leaves: a partial file in tmp/.
         fs::write(
@@ -1784,8 +1821,26 @@ mod tests {
         let store = open(dir.path(), 1 << 30);
         assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        assert_eq!(fs::read_dir(dir.path().join("blocks")).unwrap().count(), 1);
+        // The stray file went; the tree's data and (built at the first read) layers stay.
+        let mut files: Vec<String> = fs::read_dir(dir.path().join("blocks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        let tree = m.tree_cid;
+        assert_eq!(files, [format!("{tree}.dat"), format!("{tree}.tree")]);
         assert_eq!(store.list().unwrap().len(), 1);
+        // A damaged layer file is noticed and built again.
+        drop(store);
+        fs::write(
+            dir.path().join("blocks").join(format!("{tree}.tree")),
+            [0u8; 64],
+        )
+        .unwrap();
+        let store = open(dir.path(), 1 << 30);
+        assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
+        let (data, proof) = store.leaf(&tree, 0).unwrap();
+        assert!(proof.verify(&Sha256::digest(&data).into(), &tree.digest()));
     }
 
     #[test]

@@ -468,9 +468,8 @@ fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<
         Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
     })?;
     let mut root = RootBuilder::new(count);
-    let mut next = 0u64;
     let mut buf = Vec::with_capacity(SLICE);
-    for row in rows {
+    for (next, row) in (0u64..).zip(rows) {
         let (idx, digest) = row?;
         let leaf: Digest32 = digest.try_into().map_err(|_| Error::Corrupt {
             cid: format!("tree row {tree_id}"),
@@ -481,7 +480,6 @@ fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<
                 "leaf {next} of a completed tree is absent"
             )));
         }
-        next += 1;
         root.push(leaf);
         buf.extend_from_slice(&leaf);
         if buf.len() >= SLICE {

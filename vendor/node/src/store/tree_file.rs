@@ -1,0 +1,255 @@
+//! The layers of a complete tree in a file beside its data: serving a block of a dataset of
+//! any size reads a few dozen digests from it instead of holding the whole tree in memory.
+//!
+//! `blocks/<treeCid>.tree` holds every layer of the CodexTree, leaves first and root last,
+//! 32 bytes per node. It is derived data: built from the tree's `leaves` blob the first time
+//! the complete tree is read, checked against the tree CID when opened, and built again
+//! when it is missing or damaged. Every proof read from it is checked before it is used.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::cid::Digest32;
+use crate::error::{Error, Result};
+use crate::merkle::{layer_sizes, next_layer, Proof};
+
+/// Digests read or written at a time while building (an even number).
+const RUN: usize = 2048;
+
+/// An open tree file.
+#[derive(Debug)]
+pub(crate) struct TreeFile {
+    file: File,
+    /// Nodes per layer, leaves first.
+    sizes: Vec<u64>,
+    /// Where each layer starts, in nodes.
+    starts: Vec<u64>,
+    root: Digest32,
+}
+
+fn starts(sizes: &[u64]) -> Vec<u64> {
+    sizes
+        .iter()
+        .scan(0u64, |at, n| {
+            let s = *at;
+            *at += n;
+            Some(s)
+        })
+        .collect()
+}
+
+impl TreeFile {
+    /// Opens the tree file at `path` if it exists, has the size of a tree of `leaves`
+    /// leaves and ends in `root`; `None` when it must be built.
+    pub(crate) fn open(path: &Path, leaves: u64, root: &Digest32) -> Result<Option<Self>> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("opening {}", path.display()), e)),
+        };
+        let sizes = layer_sizes(leaves);
+        let starts = starts(&sizes);
+        let nodes: u64 = sizes.iter().sum();
+        let len = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?
+            .len();
+        if len != nodes * 32 {
+            return Ok(None);
+        }
+        let t = Self {
+            file,
+            sizes,
+            starts,
+            root: *root,
+        };
+        let top = t.sizes.len() - 1;
+        Ok((t.node(top, 0)? == *root).then_some(t))
+    }
+
+    /// Builds the tree file at `path` from `leaves` (the digests in order, `count` of them),
+    /// writing it under a temporary name first. Returns the root the leaves hash to.
+    pub(crate) fn build(path: &Path, count: u64, leaves: impl Read) -> Result<Digest32> {
+        let tmp = path.with_extension(format!("tree.{}.part", super::unique_suffix()));
+        let built = build_at(&tmp, count, leaves);
+        match built {
+            Ok(root) => match fs::rename(&tmp, path) {
+                Ok(()) => Ok(root),
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    Err(Error::io(format!("moving {}", tmp.display()), e))
+                }
+            },
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    /// Node `index` of layer `layer`.
+    fn node(&self, layer: usize, index: u64) -> Result<Digest32> {
+        let mut d = [0u8; 32];
+        self.file
+            .read_exact_at(&mut d, (self.starts[layer] + index) * 32)
+            .map_err(|e| Error::io("reading a tree file", e))?;
+        Ok(d)
+    }
+
+    /// The number of leaves.
+    pub(crate) fn leaves(&self) -> u64 {
+        self.sizes[0]
+    }
+
+    /// Leaf `index`, or `None` past the end.
+    pub(crate) fn leaf(&self, index: u64) -> Result<Option<Digest32>> {
+        if index >= self.leaves() {
+            return Ok(None);
+        }
+        self.node(0, index).map(Some)
+    }
+
+    /// Leaf `index` and its proof, checked against the root; `None` past the end.
+    pub(crate) fn leaf_and_proof(&self, index: u64) -> Result<Option<(Digest32, Proof)>> {
+        let Some(leaf) = self.leaf(index)? else {
+            return Ok(None);
+        };
+        let mut path = Vec::with_capacity(self.sizes.len() - 1);
+        for (layer, size) in self.sizes[..self.sizes.len() - 1].iter().enumerate() {
+            let sibling = (index >> layer) ^ 1;
+            path.push(if sibling < *size {
+                self.node(layer, sibling)?
+            } else {
+                [0; 32]
+            });
+        }
+        let proof = Proof {
+            index,
+            leaves: self.leaves(),
+            path,
+        };
+        if !proof.verify(&leaf, &self.root) {
+            return Err(Error::Corrupt {
+                cid: crate::cid::Cid::from_digest(crate::cid::CidKind::Tree, self.root).to_string(),
+                detail: format!("the tree file gives a bad proof for block {index}"),
+            });
+        }
+        Ok(Some((leaf, proof)))
+    }
+}
+
+fn build_at(tmp: &Path, count: u64, leaves: impl Read) -> Result<Digest32> {
+    let io = |e: std::io::Error| Error::io(format!("writing {}", tmp.display()), e);
+    let sizes = layer_sizes(count);
+    let starts = starts(&sizes);
+    let mut file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(tmp)
+        .map_err(io)?;
+    // The leaves, as given.
+    {
+        let mut out = BufWriter::with_capacity(RUN * 32, &mut file);
+        let copied = std::io::copy(&mut leaves.take(count * 32), &mut out).map_err(io)?;
+        if copied != count * 32 {
+            return Err(Error::State(format!(
+                "a tree of {count} leaves has only {} bytes of leaves",
+                copied
+            )));
+        }
+        out.flush().map_err(io)?;
+    }
+    // Each layer from the one below, a run at a time (positional I/O: no shared offset).
+    let mut bytes = vec![0u8; RUN * 32];
+    let mut run: Vec<Digest32> = Vec::with_capacity(RUN);
+    let mut parents = Vec::with_capacity(RUN * 16);
+    for layer in 0..sizes.len() - 1 {
+        let mut done = 0u64;
+        while done < sizes[layer] {
+            let n = ((sizes[layer] - done) as usize).min(RUN);
+            let buf = &mut bytes[..n * 32];
+            file.read_exact_at(buf, (starts[layer] + done) * 32)
+                .map_err(io)?;
+            run.clear();
+            run.extend(buf.chunks_exact(32).map(|c| {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                d
+            }));
+            parents.clear();
+            for p in next_layer(&run, layer == 0) {
+                parents.extend_from_slice(&p);
+            }
+            file.write_all_at(&parents, (starts[layer + 1] + done / 2) * 32)
+                .map_err(io)?;
+            done += n as u64;
+        }
+    }
+    let mut root = [0u8; 32];
+    file.read_exact_at(&mut root, (starts[sizes.len() - 1]) * 32)
+        .map_err(io)?;
+    Ok(root)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merkle::CodexTree;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn a_tree_file_gives_the_proofs_of_the_tree_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        for n in [1u64, 2, 3, 5, 8, 33, 2048, 2049, 4099] {
+            let leaves: Vec<Digest32> = (0..n)
+                .map(|i| Sha256::digest(i.to_le_bytes()).into())
+                .collect();
+            let tree = CodexTree::new(leaves.clone()).unwrap();
+            let path = dir.path().join(format!("{n}.tree"));
+            let root = TreeFile::build(&path, n, leaves.concat().as_slice()).unwrap();
+            assert_eq!(root, tree.root());
+            let file = TreeFile::open(&path, n, &root)
+                .unwrap()
+                .expect("valid file");
+            for i in [0, n / 2, n - 1] {
+                let (leaf, proof) = file.leaf_and_proof(i).unwrap().unwrap();
+                assert_eq!((leaf, proof), (leaves[i as usize], tree.proof(i).unwrap()));
+            }
+            assert!(file.leaf_and_proof(n).unwrap().is_none());
+            // Another tree's root, or a wrong leaf count: the file is not used.
+            assert!(TreeFile::open(&path, n, &[7; 32]).unwrap().is_none());
+            assert!(TreeFile::open(&path, n + 1, &root).unwrap().is_none());
+        }
+        assert!(TreeFile::open(&dir.path().join("none"), 1, &[0; 32])
+            .unwrap()
+            .is_none());
+        // Too few leaves: an error, and nothing left behind.
+        let path = dir.path().join("short.tree");
+        assert!(TreeFile::build(&path, 4, [0u8; 64].as_slice()).is_err());
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("short"))
+            .collect();
+        assert!(left.is_empty());
+    }
+
+    #[test]
+    fn a_damaged_node_is_caught_by_the_proof_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaves: Vec<Digest32> = (0..8u64)
+            .map(|i| Sha256::digest(i.to_le_bytes()).into())
+            .collect();
+        let path = dir.path().join("t.tree");
+        let root = TreeFile::build(&path, 8, leaves.concat().as_slice()).unwrap();
+        // Layer 1 starts after the 8 leaves: damage its first node.
+        let f = File::options().write(true).open(&path).unwrap();
+        f.write_all_at(&[0xff; 32], 8 * 32).unwrap();
+        let file = TreeFile::open(&path, 8, &root).unwrap().unwrap();
+        assert!(matches!(file.leaf_and_proof(3), Err(Error::Corrupt { .. })));
+        assert!(file.leaf_and_proof(7).is_ok());
+    }
+}

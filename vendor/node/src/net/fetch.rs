@@ -34,7 +34,7 @@ const WINDOW: usize = 512;
 /// Bytes of block data the downloads of one node may have asked for and not yet written,
 /// all together: what the node holds in memory for downloads does not grow with their
 /// number or size. Each running download may use an equal share.
-pub(crate) const FETCH_BUDGET: u64 = 32 << 20;
+pub(crate) const FETCH_BUDGET: u64 = 16 << 20;
 
 /// Blocks requested from one provider at once.
 const PER_PEER: usize = 256;

@@ -65,13 +65,15 @@ enum Command {
     },
     /// Run a node until stdin closes, answering one command per line on stdout (the node
     /// program of the multi-node tests and benches). Prints `ready <json>` first; each
-    /// command gets one line, `ok <result>` or `err <message>`. Commands: `info`,
+    /// command gets one line, `ok <result>` or `err <message>`. Commands: `info` (peer ID,
+    /// record, listen and announced addresses),
     /// `connect <peer> <addr>`, `peer <peer>` (fails unless connected), `upload <file>`,
     /// `download <cid> <file>`, `download-part <cid> <bytes>` (reads at least that much,
     /// then drops the download), `fetch <cid>`, `wait-fetch <cid>`, `exists <cid>`,
     /// `list`, `space`, `delete <cid>`, `quit`.
     Serve {
-        /// Address to listen on.
+        /// Address to listen on; `none`: no TCP listener (the node only dials out, as one
+        /// behind a NAT: others reach it through a relay).
         #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
         listen: String,
         /// A node to connect to at start (its `spr:` record).
@@ -329,7 +331,7 @@ async fn serve(
     let mut cfg = CodexConfig::builder()
         .data_dir(dir)
         .storage_quota(quota)
-        .listen_addrs([listen])
+        .listen_addrs((listen != "none").then_some(listen))
         .disc_port(disc_port)
         .block_retries(block_retries);
     for b in bootstrap {
@@ -384,6 +386,7 @@ async fn info(node: &CodexNode) -> Res<String> {
         "peerId": debug.id,
         "spr": debug.spr,
         "addrs": debug.addrs,
+        "announce": debug.announce_addresses,
     })
     .to_string())
 }

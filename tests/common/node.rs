@@ -45,8 +45,12 @@ impl NodeProc {
                 .unwrap_or_else(|| panic!("{line}")),
         )
         .unwrap();
-        let addr = info["addrs"][0].as_str().unwrap().to_owned();
-        assert!(addr.starts_with("/ip4/127.0.0.1/tcp/"), "{addr}");
+        // Empty for a node started with `--listen none`.
+        let addr = info["addrs"][0].as_str().unwrap_or_default().to_owned();
+        assert!(
+            addr.is_empty() || addr.starts_with("/ip4/127.0.0.1/tcp/"),
+            "{addr}"
+        );
         Self {
             child,
             stdin,
@@ -91,6 +95,27 @@ impl NodeProc {
     /// Connects to a peer given by id and address.
     pub(crate) fn connect_to(&mut self, peer_id: &str, addr: &str) {
         self.ok(&format!("connect {peer_id} {addr}"));
+    }
+
+    /// The node's `info`: `{peerId, spr, addrs, announce}`.
+    pub(crate) fn info(&mut self) -> serde_json::Value {
+        serde_json::from_str(&self.ok("info")).unwrap()
+    }
+
+    /// The addresses of this node's open connections to `peer_id` (none when not connected).
+    pub(crate) fn peer_addrs(&mut self, peer_id: &str) -> Vec<String> {
+        match self.cmd(&format!("peer {peer_id}")) {
+            Ok(json) => {
+                let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+                v["addresses"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| a.as_str().unwrap().to_owned())
+                    .collect()
+            }
+            Err(_) => Vec::new(),
+        }
     }
 
     /// Whether this node is connected to `peer_id` now.

@@ -36,6 +36,10 @@ impl TestPeer {
                 listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
                 max_peers: 16,
                 agent: agent.into(),
+                // A plain host: no port mapping, no relaying.
+                nat: codex_node::config::Nat::None,
+                relay: codex_node::config::RelayMode::Never,
+                relays: Vec::new(),
             },
             tx,
         )

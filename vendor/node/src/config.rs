@@ -1,9 +1,9 @@
 //! The node configuration: the JSON object `codex_new` takes, parsed strictly.
 //!
-//! Every key of the reference is accepted; unknown keys, wrong types and bad values are
-//! errors naming the key. Durations are strings of `<number><unit>` terms (`w`, `d`, `h`, `m`,
-//! `s`, `ms`, `us`, `ns`), such as `"30d"` or `"1h30m"`; `"0"` means zero (for `block-ttl`:
-//! blocks never expire).
+//! Every key of the reference is accepted, plus `relay` ([`RelayMode`]), this node's own;
+//! unknown keys, wrong types and bad values are errors naming the key. Durations are
+//! strings of `<number><unit>` terms (`w`, `d`, `h`, `m`, `s`, `ms`, `us`, `ns`), such as
+//! `"30d"` or `"1h30m"`; `"0"` means zero (for `block-ttl`: blocks never expire).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -28,6 +28,24 @@ pub enum Nat {
     Pmp,
     /// A fixed external IP (`extip:<ip>`).
     ExtIp(std::net::IpAddr),
+}
+
+/// Circuit relay use (`relay`, a key of this node; the reference has no relay).
+///
+/// Every node can dial peers through a relay (`/p2p-circuit` addresses). This key decides
+/// whether the node also relays for others or reserves a slot on a relay for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMode {
+    /// The default: a node reachable directly relays for others (bounded); a node that is
+    /// not (no TCP listen address, or only private ones behind `nat` with no mapped or
+    /// `extip` address) reserves a slot on its bootstrap nodes and announces the relayed
+    /// address.
+    Auto,
+    /// Always reserve a slot on the bootstrap nodes and announce the relayed address
+    /// (for a node whose address looks public but is firewalled); never relay for others.
+    Always,
+    /// Neither relay for others nor reserve a slot.
+    Never,
 }
 
 /// Log output format (`log-format`).
@@ -66,6 +84,8 @@ pub struct NodeConfig {
     pub listen_addrs: Vec<String>,
     /// `nat`.
     pub nat: Nat,
+    /// `relay` (this node's own key; not in the reference).
+    pub relay: RelayMode,
     /// `disc-port`; `None`: [`DEFAULT_DISC_PORT`], or a free port when that one is taken.
     pub disc_port: Option<u16>,
     /// `net-privkey`, relative to `data_dir` unless absolute.
@@ -113,6 +133,7 @@ impl NodeConfig {
             data_dir: data_dir.into(),
             listen_addrs: vec!["/ip4/0.0.0.0/tcp/0".into()],
             nat: Nat::Any,
+            relay: RelayMode::Auto,
             disc_port: None,
             net_privkey: PathBuf::from("key"),
             bootstrap_nodes: Vec::new(),
@@ -160,6 +181,14 @@ impl NodeConfig {
                     }
                 }
                 "nat" => cfg.nat = parse_nat(k, string(k, v)?)?,
+                "relay" => {
+                    cfg.relay = match string(k, v)? {
+                        "auto" => RelayMode::Auto,
+                        "always" => RelayMode::Always,
+                        "never" => RelayMode::Never,
+                        other => return Err(one_of(k, other, "auto, always, never")),
+                    }
+                }
                 "disc-port" => cfg.disc_port = Some(int(k, v, 0, u64::from(u16::MAX))? as u16),
                 "net-privkey" => cfg.net_privkey = PathBuf::from(non_empty(k, v)?),
                 "bootstrap-node" => {
@@ -483,6 +512,34 @@ mod tests {
         assert!(err(r#"{"data-dir": ""}"#).contains("`data-dir`"));
         assert!(err(r#"{"bootstrap-node": ["enr:x"]}"#).contains("`bootstrap-node`"));
         assert!(err(r#"{"metrics": "yes"}"#).contains("`metrics`: expected a boolean"));
+    }
+
+    #[test]
+    fn relay_key() {
+        assert_eq!(NodeConfig::from_json("{}").unwrap().relay, RelayMode::Auto);
+        for (v, mode) in [
+            ("auto", RelayMode::Auto),
+            ("always", RelayMode::Always),
+            ("never", RelayMode::Never),
+        ] {
+            let cfg = NodeConfig::from_json(&format!(r#"{{"relay": "{v}"}}"#)).unwrap();
+            assert_eq!(cfg.relay, mode);
+        }
+        let e = err(r#"{"relay": "sometimes"}"#);
+        assert!(
+            e.contains("`relay`") && e.contains("auto, always, never"),
+            "{e}"
+        );
+        assert!(err(r#"{"relay": true}"#).contains("`relay`: expected a string"));
+        // No TCP listener at all (a node that only dials out) is a valid configuration.
+        let cfg = NodeConfig::from_json(r#"{"listen-addrs": []}"#).unwrap();
+        assert!(cfg.listen_addrs.is_empty());
+        assert_eq!(
+            NodeConfig::from_json(r#"{"nat": "extip:203.0.113.7"}"#)
+                .unwrap()
+                .nat,
+            Nat::ExtIp("203.0.113.7".parse().unwrap())
+        );
     }
 
     #[test]

@@ -2,6 +2,11 @@
 //!
 //! The node is a plain Rust API (`store`, `merkle`, `manifest`, `node`) that runs on its own
 //! threads; the C ABI of libcodex is a thin layer over it in the `codex-abi` crate.
+//!
+//! The configuration takes every key of the reference plus one of its own, `relay`
+//! ([`config::RelayMode`]): beyond the reference's NAT handling (UPnP, `extip`), a node
+//! nobody can dial reserves a slot on a circuit relay and announces the relayed address,
+//! and reachable nodes relay for others within bounds (see [`net::host`]).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 

@@ -26,6 +26,7 @@ use crate::net::fetch::{self, FetchConfig, FetchState};
 use crate::net::host::{Host, HostConfig};
 use crate::net::spr::Spr;
 use crate::store::{lock, Dataset, DatasetWriter, Space, Store, StoreConfig};
+use libp2p::multiaddr::Protocol;
 
 /// The version this node reports.
 pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"), "+1.0.0-prototype.1");
@@ -108,7 +109,8 @@ pub struct DebugInfo {
     pub addrs: Vec<String>,
     /// Signed peer record, empty while the node has no network.
     pub spr: String,
-    /// Announced addresses.
+    /// Announced addresses: port mappings, the listen addresses (on the `extip` IP when
+    /// set), relayed (`/p2p-circuit`) addresses.
     pub announce_addresses: Vec<String>,
     /// Discovery table.
     pub table: Table,
@@ -145,7 +147,6 @@ struct Inner {
 struct Net {
     host: Arc<Host>,
     engine: Engine,
-    spr: Spr,
     dht: Dht,
     /// Cancels the announcing loop.
     cancel: CancellationToken,
@@ -671,12 +672,12 @@ impl Node {
             .ok_or_else(|| Error::State("the node is not started".into()))
     }
 
-    /// The signed peer record (`spr:…`) of the started node.
+    /// The signed peer record (`spr:…`) of the started node: its discovery (UDP) address
+    /// first (what the reference's DHT reads), then the addresses libp2p dials. It is
+    /// signed again, with a higher sequence number, when those change (a port mapping, a
+    /// relay reservation).
     pub fn spr(&self) -> Result<String> {
-        lock(&self.inner.net)
-            .as_ref()
-            .map(|n| n.spr.to_string())
-            .ok_or_else(|| Error::State("the node is not started".into()))
+        Ok(self.dht()?.discovery().record().to_string())
     }
 
     /// Connects to `peer` at `addrs`. Returns once connected.
@@ -714,17 +715,19 @@ impl Node {
             .map_err(|e| Error::State(format!("connecting: {e}")))?
     }
 
-    /// What this node knows of a connected peer: `{peerId, seqNo, addresses}`.
+    /// What this node knows of a connected peer: `{peerId, seqNo, addresses}`, the
+    /// addresses being those of its open connections (relayed ones contain `/p2p-circuit`).
     pub fn peer_info(&self, peer: &PeerId) -> Result<serde_json::Value> {
         let info = self.host()?.info();
-        let addr = info
+        let addrs = info
             .peers
             .get(peer)
             .ok_or_else(|| Error::NotFound(format!("peer {peer}")))?;
+        let addrs: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         Ok(serde_json::json!({
             "peerId": peer.to_base58(),
             "seqNo": 0,
-            "addresses": [addr.to_string()],
+            "addresses": addrs,
         }))
     }
 
@@ -835,15 +838,13 @@ impl Node {
     /// Debug information.
     pub fn debug_info(&self) -> DebugInfo {
         let id = self.inner.peer_id.to_base58();
-        let addrs: Vec<String> = self
-            .host()
-            .map(|h| h.info().listen.iter().map(ToString::to_string).collect())
-            .unwrap_or_default();
+        let info = self.host().map(|h| h.info()).unwrap_or_default();
+        let strings = |v: &[libp2p::Multiaddr]| v.iter().map(ToString::to_string).collect();
         DebugInfo {
             id: id.clone(),
-            addrs: addrs.clone(),
+            addrs: strings(&info.listen),
             spr: self.spr().unwrap_or_default(),
-            announce_addresses: addrs,
+            announce_addresses: strings(&info.announce),
             table: self.table(&id),
         }
     }
@@ -870,7 +871,7 @@ impl Node {
             local_node: node(
                 id.to_owned(),
                 d.node_id().to_string(),
-                d.record(),
+                &d.record(),
                 d.local_addr().to_string(),
                 true,
             ),
@@ -936,6 +937,20 @@ async fn start_network(node: Node) -> Result<Net> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    // The bootstrap nodes are the relays a node behind a NAT reserves a slot on.
+    let relays = bootstrap
+        .iter()
+        .filter_map(|r| {
+            let peer = r.peer_id();
+            let addr = crate::net::dht::tcp_addrs(r)
+                .into_iter()
+                .find(|a| !a.iter().any(|p| matches!(p, Protocol::P2pCircuit)))?;
+            Some(match addr.iter().last() {
+                Some(Protocol::P2p(_)) => addr,
+                _ => addr.with(Protocol::P2p(peer)),
+            })
+        })
+        .collect();
     let (events, peer_events) = mpsc::channel(256);
     let host = Host::start(
         node.inner.key.clone(),
@@ -943,6 +958,9 @@ async fn start_network(node: Node) -> Result<Net> {
             listen,
             max_peers: cfg.max_peers,
             agent: cfg.agent_string.clone(),
+            nat: cfg.nat.clone(),
+            relay: cfg.relay,
+            relays,
         },
         events,
     )
@@ -956,10 +974,13 @@ async fn start_network(node: Node) -> Result<Net> {
             return Err(e);
         }
     };
-    // The node's record, as `codex_spr` gives it: the discovery address first (what the
-    // reference's DHT reads), then the TCP addresses libp2p dials.
-    let spr = dht.discovery().record().clone();
     let cancel = node.inner.shutdown.child_token();
+    // The records follow the announced addresses (port mappings, relay reservations).
+    tokio::spawn(dht.clone().follow_addresses(
+        node.inner.key.clone(),
+        host.announced(),
+        cancel.clone(),
+    ));
     tokio::spawn(dht.clone().advertise(
         node.store()?,
         node.inner.events.subscribe(),
@@ -982,7 +1003,6 @@ async fn start_network(node: Node) -> Result<Net> {
     Ok(Net {
         host,
         engine,
-        spr,
         dht,
         cancel,
     })
@@ -1200,6 +1220,32 @@ mod tests {
             n += b.len();
         }
         assert_eq!(n, 64 * 1024);
+    }
+
+    #[tokio::test]
+    async fn extip_is_announced_everywhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = NodeConfig::new(dir.path());
+        cfg.storage_quota = 1 << 30;
+        cfg.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".into()];
+        cfg.disc_port = Some(0);
+        cfg.nat = crate::config::Nat::ExtIp("203.0.113.7".parse().unwrap());
+        let node = Node::new(cfg).unwrap();
+        node.start().await.unwrap();
+        let info = node.debug_info();
+        let port = info.addrs[0].rsplit('/').next().unwrap().to_owned();
+        let ext = format!("/ip4/203.0.113.7/tcp/{port}");
+        assert_eq!(info.addrs, vec![format!("/ip4/127.0.0.1/tcp/{port}")]);
+        assert_eq!(info.announce_addresses, vec![ext.clone()]);
+        // The record (`codex_spr`, the DHT's): the UDP address, then the TCP one, both on
+        // the external IP.
+        let spr: Spr = node.spr().unwrap().parse().unwrap();
+        let addrs: Vec<String> = spr.addrs().iter().map(ToString::to_string).collect();
+        assert_eq!(addrs.len(), 2);
+        assert!(addrs[0].starts_with("/ip4/203.0.113.7/udp/"), "{addrs:?}");
+        assert_eq!(addrs[1], ext);
+        assert_eq!(info.spr, node.spr().unwrap());
+        node.stop().unwrap();
     }
 
     #[test]

@@ -104,8 +104,9 @@ pub struct Discovery {
 struct Inner {
     own: NodeId,
     peer: PeerId,
-    record: Spr,
-    provider_record: Spr,
+    /// This node's record, shared with the socket task; replaced when addresses change.
+    record: Arc<Mutex<Spr>>,
+    provider_record: Mutex<Spr>,
     local: SocketAddr,
     table: Mutex<Table>,
     providers: Mutex<Providers>,
@@ -176,11 +177,12 @@ impl Discovery {
         }
         let (commands, rx) = mpsc::channel(COMMANDS);
         let cancel = CancellationToken::new();
+        let record = Arc::new(Mutex::new(record));
         let inner = Arc::new(Inner {
             own,
             peer,
-            record: record.clone(),
-            provider_record,
+            record: Arc::clone(&record),
+            provider_record: Mutex::new(provider_record),
             local,
             table: Mutex::new(table),
             providers: Mutex::new(Providers::default()),
@@ -220,8 +222,28 @@ impl Discovery {
     }
 
     /// This node's record (its UDP address first, then its TCP addresses).
-    pub fn record(&self) -> &Spr {
-        &self.inner.record
+    pub fn record(&self) -> Spr {
+        lock(&self.inner.record).clone()
+    }
+
+    /// Replaces the TCP addresses of this node's record and of its provider record (the
+    /// addresses changed: a port mapping, a relay reservation). Both are signed again with a
+    /// higher sequence number, so nodes that revalidate this one fetch the new record.
+    /// Provider records already announced keep the old addresses until the next
+    /// announcement.
+    pub fn update_tcp_addrs(&self, keypair: &Keypair, tcp_addrs: &[Multiaddr]) -> Result<()> {
+        let mut record = lock(&self.inner.record);
+        let mut addrs: Vec<Multiaddr> = record.addrs().first().cloned().into_iter().collect();
+        addrs.extend(tcp_addrs.iter().cloned());
+        let seq = now_secs().max(record.seq() + 1);
+        let new = spr::sign(keypair, seq, &addrs)
+            .map_err(|e| Error::State(format!("signing the discovery record: {e}")))?;
+        let provider = spr::sign(keypair, seq, tcp_addrs)
+            .map_err(|e| Error::State(format!("signing the provider record: {e}")))?;
+        *record = new;
+        *lock(&self.inner.provider_record) = provider;
+        debug!(seq, addrs = ?addrs, "record updated");
+        Ok(())
     }
 
     /// The bound UDP address.
@@ -284,14 +306,8 @@ impl Discovery {
 
     /// Pings `contact`; returns its record seq and our address as it saw it.
     pub async fn ping(&self, contact: &Contact) -> Result<(u64, SocketAddr)> {
-        let answers = self
-            .request(
-                contact,
-                Request::Ping {
-                    seq: self.inner.record.seq(),
-                },
-            )
-            .await?;
+        let seq = lock(&self.inner.record).seq();
+        let answers = self.request(contact, Request::Ping { seq }).await?;
         match answers.first() {
             Some(Response::Pong { seq, ip, port }) => Ok((*seq, SocketAddr::new(*ip, *port))),
             _ => Err(Error::Network(format!(
@@ -381,7 +397,7 @@ impl Discovery {
     /// keeps the record locally too). Returns how many nodes were told.
     pub async fn provide(&self, cid: &Cid) -> usize {
         let key = NodeId::from_cid(cid);
-        let record = self.inner.provider_record.clone();
+        let record = lock(&self.inner.provider_record).clone();
         lock(&self.inner.providers).add(key, record.clone(), Instant::now());
         let nodes = self.lookup(key).await;
         for n in &nodes {
@@ -600,7 +616,7 @@ struct Transport {
     socket: UdpSocket,
     secret: SecretKey,
     own: NodeId,
-    record: Spr,
+    record: Arc<Mutex<Spr>>,
     timeout: Duration,
     inner: std::sync::Weak<Inner>,
     sessions: HashMap<SessionKey, Session>,
@@ -798,7 +814,10 @@ impl Transport {
         let signature = crypto::id_sign(&self.secret, &p.header, &eph_key, &c.id);
         let shared = crypto::ecdh(&eph, &c.key);
         let (init, recip) = crypto::session_keys(&shared, &p.header, &self.own, &c.id);
-        let record = (record_seq < self.record.seq()).then(|| self.record.envelope().to_vec());
+        let record = {
+            let own = lock(&self.record);
+            (record_seq < own.seq()).then(|| own.envelope().to_vec())
+        };
         let auth = Auth::Handshake {
             src: self.own,
             signature,
@@ -915,6 +934,9 @@ impl Transport {
         };
         match message {
             Message::Request(id, r) => {
+                if let Request::Ping { seq } = &r {
+                    self.on_newer_record(src, *seq);
+                }
                 for answer in self.answer(r, from) {
                     let reply = Message::Response(id.clone(), answer).encode();
                     self.respond(src, from, &reply).await;
@@ -941,6 +963,27 @@ impl Transport {
         }
     }
 
+    /// A node pinged with a record newer than the one the table holds (its addresses
+    /// changed): asks it for that record in the background, as revalidation would later.
+    fn on_newer_record(&self, src: NodeId, seq: u64) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let known = lock(&inner.table).get(&src).cloned();
+        let Some(contact) = known.filter(|c| c.spr.seq() < seq) else {
+            return;
+        };
+        let d = Discovery { inner };
+        tokio::spawn(async move {
+            if let Ok(mut found) = d.find_node(&contact, vec![0]).await {
+                if let Some(newer) = found.pop().filter(|n| n.spr.seq() > contact.spr.seq()) {
+                    debug!(node = %newer.id, seq = newer.spr.seq(), "newer record");
+                    lock(&d.inner.table).add(newer);
+                }
+            }
+        });
+    }
+
     /// The answers to a request (none for AddProvider).
     fn answer(&self, request: Request, from: SocketAddr) -> Vec<Response> {
         let Some(inner) = self.inner.upgrade() else {
@@ -948,13 +991,13 @@ impl Transport {
         };
         match request {
             Request::Ping { .. } => vec![Response::Pong {
-                seq: self.record.seq(),
+                seq: lock(&self.record).seq(),
                 ip: from.ip(),
                 port: from.port(),
             }],
             Request::FindNode { distances } => {
                 let records: Vec<Vec<u8>> = if distances.contains(&0) {
-                    vec![self.record.envelope().to_vec()]
+                    vec![lock(&self.record).envelope().to_vec()]
                 } else if distances.iter().any(|d| *d > 256) {
                     Vec::new()
                 } else {
@@ -1127,7 +1170,7 @@ mod tests {
         let (_, boot) = node(Vec::new(), 4000).await;
         let mut nodes = Vec::new();
         for i in 0..5u16 {
-            nodes.push(node(vec![boot.record().clone()], 4001 + i).await);
+            nodes.push(node(vec![boot.record()], 4001 + i).await);
         }
         // The bootstrap node learns of every node from its handshake.
         eventually("the bootstrap node's table", || async {
@@ -1190,9 +1233,39 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_updated_record_reaches_the_nodes_that_ask() {
+        let (key, a) = node(Vec::new(), 4200).await;
+        let (_, b) = node(vec![a.record()], 4201).await;
+        let before = a.record();
+        let relayed: Multiaddr = format!(
+            "/ip4/127.0.0.1/tcp/4300/p2p/{}/p2p-circuit/p2p/{}",
+            b.record().peer_id(),
+            before.peer_id()
+        )
+        .parse()
+        .unwrap();
+        let tcp: Vec<Multiaddr> = vec!["/ip4/127.0.0.1/tcp/4200".parse().unwrap(), relayed.clone()];
+        a.update_tcp_addrs(&key, &tcp).unwrap();
+        let after = a.record();
+        assert!(after.seq() > before.seq());
+        // The UDP address stays first, as the reference reads it.
+        assert_eq!(after.addrs()[0], before.addrs()[0]);
+        assert_eq!(&after.addrs()[1..], &tcp[..]);
+        // A ping shows the higher seq; asking the node itself gives the new record.
+        let contact = Contact::from_spr(before).unwrap();
+        let (seq, _) = b.ping(&contact).await.unwrap();
+        assert_eq!(seq, after.seq());
+        let found = b.find_peer(&after.peer_id()).await.unwrap();
+        assert_eq!(found.seq(), after.seq());
+        assert!(found.addrs().contains(&relayed));
+        a.stop();
+        b.stop();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn garbage_and_forged_packets_leave_the_service_working() {
         let (_, a) = node(Vec::new(), 4100).await;
-        let (_, b) = node(vec![a.record().clone()], 4101).await;
+        let (_, b) = node(vec![a.record()], 4101).await;
         eventually("the join", || async {
             (a.nodes().len() == 1).then_some(())
         })
@@ -1236,7 +1309,7 @@ mod tests {
         assert!(matches!(p.auth, Auth::Whoareyou { .. }));
         assert_eq!(p.nonce, [9; 12]);
         // And the real node still gets answers.
-        let contact = Contact::from_spr(a.record().clone()).unwrap();
+        let contact = Contact::from_spr(a.record()).unwrap();
         let (_, seen) = b.ping(&contact).await.unwrap();
         assert_eq!(seen, b.local_addr());
         a.stop();

@@ -14,7 +14,7 @@ use std::time::Duration;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 use libp2p_identity::{Keypair, PeerId};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -39,6 +39,8 @@ const SEEK_MAX: Duration = Duration::from_secs(60);
 pub struct Dht {
     discovery: Discovery,
     host: Arc<Host>,
+    /// Wakes the announcing loop when the node's addresses changed.
+    reannounce: Arc<Notify>,
 }
 
 impl Dht {
@@ -52,11 +54,12 @@ impl Dht {
         host: Arc<Host>,
         bootstrap: Vec<Spr>,
     ) -> Result<Self> {
-        let tcp_addrs = host.info().listen;
-        let bind_ip = shared_ipv4(&tcp_addrs).unwrap_or(Ipv4Addr::UNSPECIFIED);
+        let info = host.info();
+        let tcp_addrs = info.announce;
+        let bind_ip = shared_ipv4(&info.listen).unwrap_or(Ipv4Addr::UNSPECIFIED);
         let announce_ip = match cfg.nat {
             Nat::ExtIp(IpAddr::V4(ip)) => Some(ip),
-            _ => announce_ipv4(&tcp_addrs),
+            _ => announce_ipv4(&info.listen),
         };
         let port = cfg.disc_port.unwrap_or(DEFAULT_DISC_PORT);
         let dcfg = |port| DiscoveryConfig {
@@ -76,7 +79,41 @@ impl Dht {
             Err(e) => return Err(e),
         };
         info!(addr = %discovery.local_addr(), "discovery listening");
-        Ok(Self { discovery, host })
+        Ok(Self {
+            discovery,
+            host,
+            reannounce: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Signs the node's records again whenever the announced addresses change, and then
+    /// announces everything stored again so that provider records carry the new
+    /// addresses; until `cancel`.
+    pub async fn follow_addresses(
+        self,
+        key: Keypair,
+        mut addrs: watch::Receiver<Vec<Multiaddr>>,
+        cancel: CancellationToken,
+    ) {
+        let mut current = self.discovery.record().addrs().get(1..).map(<[_]>::to_vec);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = addrs.changed() => if changed.is_err() { return },
+            }
+            let new = addrs.borrow_and_update().clone();
+            if current.as_ref() == Some(&new) {
+                continue;
+            }
+            match self.discovery.update_tcp_addrs(&key, &new) {
+                Ok(()) => {
+                    info!(addrs = ?new, "addresses changed; record signed again");
+                    current = Some(new);
+                    self.reannounce.notify_one();
+                }
+                Err(e) => warn!("updating the node's record: {e}"),
+            }
+        }
     }
 
     /// The discovery service.
@@ -102,8 +139,8 @@ impl Dht {
         });
     }
 
-    /// Announces every dataset stored when one is stored and every 30 minutes, until
-    /// `cancel`.
+    /// Announces every dataset stored when one is stored, every 30 minutes and when the
+    /// node's addresses changed, until `cancel`.
     pub async fn advertise(
         self,
         store: Arc<Store>,
@@ -114,7 +151,12 @@ impl Dht {
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tick.tick() => {
+                _ = async {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = self.reannounce.notified() => {}
+                    }
+                } => {
                     let s = Arc::clone(&store);
                     match tokio::task::spawn_blocking(move || s.list()).await {
                         Ok(Ok(list)) => {

@@ -53,6 +53,23 @@ pub enum Nat {
     ExtIp(std::net::IpAddr),
 }
 
+/// Relaying through other nodes, to reach and be reached behind a NAT (`relay`).
+///
+/// A key of the vendored node only: a Nim-built libcodex refuses configs that carry it, so
+/// it is sent only when set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Relay {
+    /// A node reachable directly relays for others (bounded); one that is not reserves a
+    /// slot on its bootstrap nodes and announces the relayed address. The default.
+    Auto,
+    /// Always reserve a slot on the bootstrap nodes (for a firewalled public address);
+    /// never relay for others.
+    Always,
+    /// Neither relay for others nor use a relay.
+    Never,
+}
+
 /// The configuration of a node; build it with [`CodexConfig::builder`].
 #[derive(Debug, Clone, Default)]
 #[must_use]
@@ -60,6 +77,7 @@ pub struct CodexConfig {
     data_dir: Option<PathBuf>,
     listen_addrs: Option<Vec<String>>,
     nat: Option<Nat>,
+    relay: Option<Relay>,
     disc_port: Option<u16>,
     net_privkey: Option<PathBuf>,
     bootstrap_nodes: Vec<String>,
@@ -116,6 +134,14 @@ impl CodexConfig {
                 Nat::ExtIp(ip) => format!("extip:{ip}"),
             };
             put("nat", json!(s));
+        }
+        if let Some(r) = self.relay {
+            let s = match r {
+                Relay::Auto => "auto",
+                Relay::Always => "always",
+                Relay::Never => "never",
+            };
+            put("relay", json!(s));
         }
         if let Some(p) = self.disc_port {
             put("disc-port", json!(p));
@@ -203,6 +229,12 @@ impl CodexConfigBuilder {
     /// NAT handling (`nat`).
     pub fn nat(mut self, nat: Nat) -> Self {
         self.cfg.nat = Some(nat);
+        self
+    }
+
+    /// Relaying behind NATs (`relay`; the vendored node only, see [`Relay`]).
+    pub fn relay(mut self, relay: Relay) -> Self {
+        self.cfg.relay = Some(relay);
         self
     }
 
@@ -369,6 +401,16 @@ mod tests {
         assert_eq!(v["block-ttl"], "0");
         assert_eq!(v["block-mi"], "1500ms");
         assert_eq!(v["nat"], "extip:1.2.3.4");
+        assert!(v.get("relay").is_none(), "sent only when set");
+        let v: serde_json::Value = serde_json::from_str(
+            &CodexConfig::builder()
+                .relay(Relay::Never)
+                .build()
+                .unwrap()
+                .to_json(),
+        )
+        .unwrap();
+        assert_eq!(v["relay"], "never");
         assert_eq!(v["log-format"], "none");
         assert!(v.get("max-peers").is_none());
     }

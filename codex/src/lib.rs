@@ -45,7 +45,7 @@ mod node;
 mod types;
 mod upload;
 
-pub use config::{CodexConfig, CodexConfigBuilder, LogFormat, Nat};
+pub use config::{CodexConfig, CodexConfigBuilder, LogFormat, Nat, Relay};
 pub use download::{Download, DownloadBuilder, DownloadProgress};
 pub use error::{Error, Result};
 pub use node::CodexNode;

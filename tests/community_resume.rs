@@ -10,11 +10,16 @@
 use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use codex_archive::{Community, CommunityId, Database};
+
+mod common;
+
+#[path = "common/node.rs"]
+mod node;
 use serde_json::{json, Value};
 
 /// How long any one answer or event may take.
@@ -34,17 +39,7 @@ struct Node {
 
 impl Node {
     fn start(role: &str, dir: &Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_codex-cli"))
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--quota", &(2u64 << 30).to_string()])
-            .args(["community-node", "--role", role])
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
+        let mut child = node::cli(dir, &["community-node", "--role", role])
             .spawn()
             .unwrap();
         let stdin = child.stdin.take().unwrap();

@@ -9,6 +9,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A `codex-cli` command on `data_dir` with a 2 GiB quota, running `args`, stdin and
+/// stdout piped. `TEST_NODE_LOG=debug` shows what the node processes log.
+pub(crate) fn cli(data_dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_codex-cli"));
+    c.arg("--data-dir")
+        .arg(data_dir)
+        .args(["--quota", &(2u64 << 30).to_string()])
+        .args(args)
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    c
+}
+
 /// A running node process.
 pub(crate) struct NodeProc {
     child: Child,
@@ -22,20 +39,7 @@ pub(crate) struct NodeProc {
 impl NodeProc {
     pub(crate) fn start(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_codex-cli"))
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--quota", &(2u64 << 30).to_string(), "serve"])
-            .args(extra)
-            // TEST_NODE_LOG=debug shows what the node processes log.
-            .env(
-                "RUST_LOG",
-                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = cli(dir.path(), &["serve"]).args(extra).spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();

@@ -15,6 +15,7 @@ use libp2p::{PeerId, StreamProtocol};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::frames::FramePool;
 use super::host::{Host, PeerEvent};
 use super::message::{
     read_message_within, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
@@ -95,6 +96,8 @@ struct Shared {
     inbound: Mutex<HashMap<PeerId, usize>>,
     /// Block bytes all downloads may have asked for and not yet written.
     budget: Arc<super::fetch::Budget>,
+    /// Buffers for the frames read and written.
+    frames: Arc<FramePool>,
     stop: CancellationToken,
 }
 
@@ -154,6 +157,7 @@ impl Engine {
                 banned: Mutex::new(HashMap::new()),
                 inbound: Mutex::new(HashMap::new()),
                 budget: Arc::new(super::fetch::Budget::new(super::fetch::FETCH_BUDGET)),
+                frames: FramePool::new(),
                 stop: CancellationToken::new(),
             }),
         };
@@ -308,7 +312,7 @@ impl Engine {
         loop {
             let msg = tokio::select! {
                 _ = self.shared.stop.cancelled() => return,
-                m = read_message_within(&mut stream, MAX_MESSAGE, FRAME_TIME) => m,
+                m = read_message_within(&mut stream, MAX_MESSAGE, FRAME_TIME, &self.shared.frames) => m,
             };
             match msg {
                 Ok(Some(msg)) => self.handle(peer, msg).await,
@@ -388,7 +392,10 @@ impl Engine {
                     }
                 }
                 let Some(s) = stream.as_mut() else { continue };
-                match write_message(s, &msg).await {
+                let mut scratch = self.shared.frames.get();
+                let written = write_message(s, &msg, &mut scratch).await;
+                self.shared.frames.put(scratch);
+                match written {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::debug!(%peer, attempt, error = %e, "block exchange write failed");

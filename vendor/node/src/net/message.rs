@@ -22,10 +22,12 @@
 //! ([`frame`], [`read_message`], [`write_message`]).
 
 use std::io;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use super::frames::{FramePool, FRAME_BUF};
 use crate::cid::Cid;
 use crate::merkle::{Proof, TreeError};
 use crate::pb::{self, Fields, LEN, VARINT};
@@ -522,11 +524,18 @@ pub fn frame(msg: &Message) -> Vec<u8> {
 
 /// [`frame`], given `msg.encoded_len()`.
 fn frame_with_len(msg: &Message, len: usize) -> Vec<u8> {
-    let mut buf = Vec::with_capacity(varint_len(len as u64) + len);
-    pb::put_varint(&mut buf, len as u64);
-    msg.encode_into(&mut buf);
-    debug_assert_eq!(buf.len(), varint_len(len as u64) + len);
+    let mut buf = Vec::new();
+    encode_frame(msg, len, &mut buf);
     buf
+}
+
+/// Appends the frame of `msg`, whose encoded length is `len`, to `buf`.
+fn encode_frame(msg: &Message, len: usize, buf: &mut Vec<u8>) {
+    let start = buf.len();
+    buf.reserve(varint_len(len as u64) + len);
+    pb::put_varint(buf, len as u64);
+    msg.encode_into(buf);
+    debug_assert_eq!(buf.len() - start, varint_len(len as u64) + len);
 }
 
 fn invalid(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
@@ -551,13 +560,14 @@ pub async fn read_message<R: AsyncRead + Unpin>(
 ) -> io::Result<Option<Message>> {
     match read_byte(r).await? {
         None => Ok(None),
-        Some(first) => read_rest(r, first, max).await.map(Some),
+        Some(first) => read_rest(r, first, max, None).await.map(Some),
     }
 }
 
 /// [`read_message`], except that a frame, once its first byte has arrived, must arrive
 /// whole within `frame_time`: a peer cannot hold a half-sent frame (and its buffer) open
 /// forever. Waiting for a frame to start has no limit. A late frame is a `TimedOut` error.
+/// Frame buffers come from `pool`.
 ///
 /// # Cancel safety
 ///
@@ -566,11 +576,12 @@ pub async fn read_message_within<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
     frame_time: std::time::Duration,
+    pool: &Arc<FramePool>,
 ) -> io::Result<Option<Message>> {
     let Some(first) = read_byte(r).await? else {
         return Ok(None);
     };
-    match tokio::time::timeout(frame_time, read_rest(r, first, max)).await {
+    match tokio::time::timeout(frame_time, read_rest(r, first, max, Some(pool))).await {
         Ok(r) => r.map(Some),
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,
@@ -593,7 +604,12 @@ async fn read_byte<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<u8>> {
 }
 
 /// The rest of a frame whose first byte was `first`.
-async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: u8, max: usize) -> io::Result<Message> {
+async fn read_rest<R: AsyncRead + Unpin>(
+    r: &mut R,
+    first: u8,
+    max: usize,
+    pool: Option<&Arc<FramePool>>,
+) -> io::Result<Message> {
     let max = max.min(MAX_MESSAGE);
     let mut len: u64 = 0;
     let mut b = first;
@@ -618,27 +634,50 @@ async fn read_rest<R: AsyncRead + Unpin>(r: &mut R, first: u8, max: usize) -> io
         .ok()
         .filter(|&l| l <= max)
         .ok_or_else(|| invalid(format!("frame of {len} bytes exceeds the {max}-byte limit")))?;
-    // The buffer grows with the bytes that actually arrive, not with the announced length.
-    let mut buf = Vec::with_capacity(len.min(64 << 10));
-    r.take(len as u64).read_to_end(&mut buf).await?;
-    if buf.len() < len {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+    // Up to FRAME_BUF is allocated at once, so a usual frame is read into one buffer
+    // without copies; beyond that the buffer doubles as bytes actually arrive, so an
+    // announced length alone cannot make the node allocate more.
+    let mut buf = pool.map(|p| p.get()).unwrap_or_default();
+    buf.resize(len.min(FRAME_BUF), 0);
+    let mut filled = 0;
+    while filled < len {
+        if filled == buf.len() {
+            let grown = (buf.len() * 2).min(len);
+            buf.resize(grown, 0);
+        }
+        match r.read(&mut buf[filled..]).await {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
     }
-    Message::decode_bytes(Bytes::from(buf)).map_err(invalid)
+    let bytes = match pool {
+        Some(p) => p.share(buf),
+        None => Bytes::from(buf),
+    };
+    Message::decode_bytes(bytes).map_err(invalid)
 }
 
-/// Writes `msg` to `w` as one frame and flushes.
+/// Writes `msg` to `w` as one frame and flushes, encoding it in `scratch` (cleared first;
+/// a caller that keeps the buffer saves an allocation per frame).
 ///
 /// # Cancel safety
 ///
 /// Not cancel safe: dropping the future part-way may leave a partial frame on the stream,
 /// which must then be closed.
-pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> io::Result<()> {
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+    scratch: &mut Vec<u8>,
+) -> io::Result<()> {
     let len = msg.encoded_len();
     if len > MAX_MESSAGE {
         return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
     }
-    w.write_all(&frame_with_len(msg, len)).await?;
+    scratch.clear();
+    encode_frame(msg, len, scratch);
+    w.write_all(scratch).await?;
     w.flush().await
 }
 
@@ -1117,6 +1156,32 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn pooled_frames_return_once_their_blocks_are_dropped() {
+        let pool = FramePool::new();
+        let mut scratch = pool.get();
+        let mut stream = futures::io::Cursor::new(Vec::new());
+        write_message(&mut stream, &sample(), &mut scratch)
+            .await
+            .unwrap();
+        pool.put(scratch);
+        assert_eq!(pool.idle(), 1);
+        let bytes = stream.into_inner();
+        let limit = std::time::Duration::from_secs(5);
+        let mut r = futures::io::Cursor::new(&bytes);
+        let msg = read_message_within(&mut r, MAX_MESSAGE, limit, &pool)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(msg, sample());
+        assert_eq!(pool.idle(), 0, "the write buffer was reused for the read");
+        let data = msg.deliveries[0].data.clone();
+        drop(msg);
+        assert_eq!(pool.idle(), 0, "a block still holds the frame");
+        drop(data);
+        assert_eq!(pool.idle(), 1);
+    }
+
     /// A reader that hands out at most one byte per poll.
     struct Trickle<'a>(&'a [u8]);
 
@@ -1138,8 +1203,10 @@ mod tests {
     #[tokio::test]
     async fn framing_round_trips() {
         let mut stream = futures::io::Cursor::new(Vec::new());
-        write_message(&mut stream, &sample()).await.unwrap();
-        write_message(&mut stream, &Message::default())
+        write_message(&mut stream, &sample(), &mut Vec::new())
+            .await
+            .unwrap();
+        write_message(&mut stream, &Message::default(), &mut Vec::new())
             .await
             .unwrap();
         let bytes = stream.into_inner();
@@ -1243,7 +1310,7 @@ mod tests {
         // Whole frames arrive in time.
         let mut r = Stall(futures::io::Cursor::new(framed.clone()));
         assert_eq!(
-            read_message_within(&mut r, MAX_MESSAGE, limit)
+            read_message_within(&mut r, MAX_MESSAGE, limit, &FramePool::new())
                 .await
                 .unwrap(),
             Some(sample())
@@ -1252,14 +1319,17 @@ mod tests {
         let mut r = Stall(futures::io::Cursor::new(
             framed[..framed.len() / 2].to_vec(),
         ));
-        let err = read_message_within(&mut r, MAX_MESSAGE, limit)
+        let err = read_message_within(&mut r, MAX_MESSAGE, limit, &FramePool::new())
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
         // Waiting for a frame to start is not limited.
         let mut r = Stall(futures::io::Cursor::new(Vec::new()));
-        let idle =
-            tokio::time::timeout(limit * 4, read_message_within(&mut r, MAX_MESSAGE, limit)).await;
+        let idle = tokio::time::timeout(
+            limit * 4,
+            read_message_within(&mut r, MAX_MESSAGE, limit, &FramePool::new()),
+        )
+        .await;
         assert!(idle.is_err(), "an idle stream must not time out");
     }
 }

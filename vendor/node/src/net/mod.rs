@@ -3,6 +3,7 @@
 pub mod dht;
 pub mod engine;
 pub mod fetch;
+pub mod frames;
 pub mod host;
 pub mod message;
 pub mod spr;

@@ -343,3 +343,47 @@ async fn silent_flooding_and_spamming_peers_do_not_hurt_the_node() {
     assert!(a.is_connected(&silent.peer_id()));
     still_serves(&mut a, mcid, &data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_that_ask_for_everything_and_stop_reading_hold_bounded_memory() {
+    const BLOCKS: u64 = 768; // 48 MiB: more than a stalled peer's buffers take in
+    let (mut a, mcid, data, _tmp) = node_with_dataset(BLOCKS as usize * BLOCK, 29);
+    let tree = {
+        let peer = TestPeer::start("manifest").await;
+        let mut inbox = peer.inbox();
+        let node = peer.dial(&a.peer_id, &a.addr).await;
+        fetch_one(&peer, &mut inbox, node, mcid, 0, &data)
+            .await
+            .tree_cid
+    };
+    let rss_before = a.rss_kib();
+
+    // Eight peers each want every block and never read what the node sends.
+    let mut hoarders = Vec::new();
+    for i in 0..8 {
+        let h = TestPeer::start(&format!("hoarder-{i}")).await;
+        h.hoard();
+        let node = h.dial(&a.peer_id, &a.addr).await;
+        let mut s = h.open(node).await;
+        let entries = (0..BLOCKS)
+            .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
+            .collect();
+        write_message(&mut s, &Message::wants(entries))
+            .await
+            .unwrap();
+        hoarders.push((h, s));
+    }
+    // Until their connections stop taking data, the node sends; then its reads wait.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    // Another peer is still served at once, and the node did not fill up with blocks
+    // queued for the stalled peers (unbounded, that is 10 MiB or more for each).
+    still_serves(&mut a, mcid, &data).await;
+    let grown = a.rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 64 << 10,
+        "eight stalled peers grew the node by {grown} KiB"
+    );
+    drop(hoarders);
+    still_serves(&mut a, mcid, &data).await;
+}

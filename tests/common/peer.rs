@@ -96,6 +96,18 @@ impl TestPeer {
         rx
     }
 
+    /// Accepts the block exchange streams peers open to this one and never reads them: a
+    /// peer that asks and stops reading. The streams stay open while the peer lives.
+    pub(crate) fn hoard(&self) {
+        let mut incoming = self.host.control().accept(BLOCKEXC).unwrap();
+        tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Some((_, stream)) = incoming.next().await {
+                kept.push(stream);
+            }
+        });
+    }
+
     /// Waits up to `within` for the connection to `peer` to close.
     pub(crate) async fn disconnected(&self, peer: PeerId, within: Duration) -> bool {
         if !self.host.info().peers.contains_key(&peer) {

@@ -18,9 +18,10 @@ use tokio_util::sync::CancellationToken;
 use super::frames::FramePool;
 use super::host::{Host, PeerEvent};
 use super::message::{
-    read_message_within, write_message, BlockAddress, Delivery, Entry, Message, Presence, WantType,
-    MAX_MESSAGE,
+    frame_into, read_message_within, write_frame, BlockAddress, Delivery, Entry, Message, Presence,
+    WantType, MAX_MESSAGE,
 };
+use super::serving::{Charge, ServeBudget};
 use crate::cid::Cid;
 use crate::error::Error;
 use crate::store::{lock, Store};
@@ -36,6 +37,19 @@ const DELIVERY_BYTES: usize = 4 << 20;
 
 /// Messages queued for one peer's outbound stream.
 const OUT_QUEUE: usize = 8;
+
+/// Block bytes the node may hold read for peers and not yet written to their streams,
+/// whatever the number of peers: 32 MiB.
+const SERVE_BUDGET: u64 = 32 << 20;
+
+/// The part of [`SERVE_BUDGET`] one peer may hold: 8 MiB, six delivery messages of 64 KiB
+/// blocks, so its stream stays busy while the next ones are read. Peers served at once
+/// split the node's budget evenly below this.
+const PEER_SERVE: u64 = 8 << 20;
+
+/// How long writing one frame to a peer may take before its stream is dropped, so a
+/// peer that stops reading cannot hold its part of the serving budget forever.
+const WRITE_TIME: Duration = Duration::from_secs(120);
 
 /// Most want entries queued for one peer; beyond this its wants are dropped.
 const MAX_QUEUED: usize = 1 << 16;
@@ -71,10 +85,16 @@ pub enum Inbound {
 }
 
 struct Peer {
-    out: mpsc::Sender<Message>,
+    out: mpsc::Sender<Outbound>,
     wants: Arc<Wants>,
     /// Blocks received that no download wanted.
     unrequested: u32,
+}
+
+/// A message for a peer, with the serving budget its blocks hold until it is written.
+struct Outbound {
+    msg: Message,
+    _charge: Option<Charge>,
 }
 
 /// A peer's want entries not answered yet, in arrival order. Cancels remove entries still
@@ -98,6 +118,8 @@ struct Shared {
     budget: Arc<super::fetch::Budget>,
     /// Buffers for the frames read and written.
     frames: Arc<FramePool>,
+    /// Block bytes read for peers and not yet written to their streams.
+    serving: Arc<ServeBudget>,
     stop: CancellationToken,
 }
 
@@ -158,6 +180,7 @@ impl Engine {
                 inbound: Mutex::new(HashMap::new()),
                 budget: Arc::new(super::fetch::Budget::new(super::fetch::FETCH_BUDGET)),
                 frames: FramePool::new(),
+                serving: ServeBudget::new(SERVE_BUDGET, PEER_SERVE),
                 stop: CancellationToken::new(),
             }),
         };
@@ -218,7 +241,7 @@ impl Engine {
     /// Queues `msg` for `peer`. Returns false when the peer is gone or its queue is full.
     pub fn send(&self, peer: &PeerId, msg: Message) -> bool {
         let out = lock(&self.shared.peers).get(peer).map(|p| p.out.clone());
-        out.is_some_and(|o| o.try_send(msg).is_ok())
+        out.is_some_and(|o| o.try_send(Outbound { msg, _charge: None }).is_ok())
     }
 
     /// Drops a peer that sent bad data: disconnects it and refuses it for a while.
@@ -377,10 +400,18 @@ impl Engine {
     }
 
     /// Sends queued messages to `peer` on this node's own outbound stream.
-    async fn write(self, peer: PeerId, mut rx: mpsc::Receiver<Message>) {
+    async fn write(self, peer: PeerId, mut rx: mpsc::Receiver<Outbound>) {
         let mut control = self.shared.host.control();
         let mut stream: Option<libp2p::Stream> = None;
-        while let Some(msg) = rx.recv().await {
+        // The message's serving budget is given back when `_charge` drops after this turn.
+        while let Some(Outbound { msg, _charge }) = rx.recv().await {
+            let mut frame = self.shared.frames.get();
+            if let Err(e) = frame_into(&msg, &mut frame) {
+                tracing::warn!(%peer, error = %e, "cannot send a block exchange message");
+                continue;
+            }
+            // The blocks live on in the frame alone; their budget stays held until it is sent.
+            drop(msg);
             for attempt in 0..2 {
                 if stream.is_none() {
                     match control.open_stream(peer, BLOCKEXC).await {
@@ -392,9 +423,9 @@ impl Engine {
                     }
                 }
                 let Some(s) = stream.as_mut() else { continue };
-                let mut scratch = self.shared.frames.get();
-                let written = write_message(s, &msg, &mut scratch).await;
-                self.shared.frames.put(scratch);
+                let written = tokio::time::timeout(WRITE_TIME, write_frame(s, &frame))
+                    .await
+                    .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
                 match written {
                     Ok(()) => break,
                     Err(e) => {
@@ -403,7 +434,13 @@ impl Engine {
                     }
                 }
             }
+            self.shared.frames.put(frame);
         }
+    }
+
+    /// Whether blocks are still worth reading for `peer`: it is connected and the node runs.
+    fn serving(&self, peer: &PeerId) -> bool {
+        !self.shared.stop.is_cancelled() && lock(&self.shared.peers).contains_key(peer)
     }
 
     /// Answers `peer`'s wants in order, reading blocks on the blocking pool.
@@ -422,8 +459,17 @@ impl Engine {
             }
             let out = lock(&self.shared.peers).get(&peer).map(|p| p.out.clone());
             let Some(out) = out else { return };
-            let store = Arc::clone(&self.shared.store);
-            let done = tokio::task::spawn_blocking(move || answer(&store, entries, &out)).await;
+            let engine = self.clone();
+            let done = tokio::task::spawn_blocking(move || {
+                let to = Recipient {
+                    peer,
+                    out: &out,
+                    budget: &engine.shared.serving,
+                    alive: &|| engine.serving(&peer),
+                };
+                answer(&engine.shared.store, entries, &to)
+            })
+            .await;
             if !matches!(done, Ok(true)) {
                 return;
             }
@@ -465,9 +511,32 @@ impl Drop for InboundGuard {
     }
 }
 
-/// Answers one want list: presences for WantHave, blocks for WantBlock. Returns false once
-/// the peer is gone.
-fn answer(store: &Store, entries: Vec<Entry>, out: &mpsc::Sender<Message>) -> bool {
+/// Where answers go: a peer's send queue, and the serving budget its blocks take.
+struct Recipient<'a> {
+    peer: PeerId,
+    out: &'a mpsc::Sender<Outbound>,
+    budget: &'a Arc<ServeBudget>,
+    /// Whether the peer is still worth serving.
+    alive: &'a dyn Fn() -> bool,
+}
+
+impl Recipient<'_> {
+    /// Queues `msg` with the budget its blocks hold; false once the peer is gone.
+    fn send(&self, msg: &mut Message, charge: &mut Option<Charge>) -> bool {
+        self.out
+            .blocking_send(Outbound {
+                msg: std::mem::take(msg),
+                _charge: charge.take(),
+            })
+            .is_ok()
+    }
+}
+
+/// Answers one want list: presences for WantHave, blocks for WantBlock. Every block read
+/// takes its size from the serving budget until its message is written; when the budget is
+/// spent, what is ready goes out first and the next read waits. Returns false once the
+/// peer is gone or the node stops.
+fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
     // Entries cancelled later in the same list are not answered.
     let cancelled: Vec<BlockAddress> = entries
         .iter()
@@ -475,6 +544,7 @@ fn answer(store: &Store, entries: Vec<Entry>, out: &mpsc::Sender<Message>) -> bo
         .map(|e| e.address)
         .collect();
     let mut msg = Message::default();
+    let mut charge: Option<Charge> = None;
     let mut bytes = 0;
     for e in entries.into_iter().filter(|e| !e.cancel) {
         if cancelled.contains(&e.address) {
@@ -492,6 +562,27 @@ fn answer(store: &Store, entries: Vec<Entry>, out: &mpsc::Sender<Message>) -> bo
             }
             WantType::Block => match read(store, &e.address) {
                 Some(d) => {
+                    let size = d.data.len() as u64;
+                    let taken = match to.budget.try_take(to.peer, size) {
+                        Some(c) => c,
+                        None => {
+                            // Blocks in hand would wait outside the budget: send them first.
+                            if !msg.is_empty() {
+                                if !to.send(&mut msg, &mut charge) {
+                                    return false;
+                                }
+                                bytes = 0;
+                            }
+                            match to.budget.take(to.peer, size, to.alive) {
+                                Some(c) => c,
+                                None => return false,
+                            }
+                        }
+                    };
+                    match &mut charge {
+                        Some(c) => c.absorb(taken),
+                        None => charge = Some(taken),
+                    }
                     bytes += d.data.len();
                     msg.deliveries.push(d);
                 }
@@ -503,16 +594,13 @@ fn answer(store: &Store, entries: Vec<Entry>, out: &mpsc::Sender<Message>) -> bo
             },
         }
         if msg.deliveries.len() >= DELIVERY_BLOCKS || bytes >= DELIVERY_BYTES {
-            if out.blocking_send(std::mem::take(&mut msg)).is_err() {
+            if !to.send(&mut msg, &mut charge) {
                 return false;
             }
             bytes = 0;
         }
     }
-    if msg.deliveries.is_empty() && msg.presences.is_empty() {
-        return true;
-    }
-    out.blocking_send(msg).is_ok()
+    msg.is_empty() || to.send(&mut msg, &mut charge)
 }
 
 fn holds(store: &Store, address: &BlockAddress) -> bool {

@@ -482,6 +482,11 @@ impl Message {
         buf.extend_from_slice(&TRAILER);
     }
 
+    /// Whether the message carries nothing: no wants, blocks or presences.
+    pub fn is_empty(&self) -> bool {
+        self.wantlist.entries.is_empty() && self.deliveries.is_empty() && self.presences.is_empty()
+    }
+
     /// Decodes a message, copying block data out of `buf`. Prefer
     /// [`Message::decode_bytes`] when the buffer is already `Bytes`.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
@@ -659,25 +664,38 @@ async fn read_rest<R: AsyncRead + Unpin>(
     Message::decode_bytes(bytes).map_err(invalid)
 }
 
-/// Writes `msg` to `w` as one frame and flushes, encoding it in `scratch` (cleared first;
-/// a caller that keeps the buffer saves an allocation per frame).
+/// Writes `msg` to `w` as one frame and flushes.
 ///
 /// # Cancel safety
 ///
 /// Not cancel safe: dropping the future part-way may leave a partial frame on the stream,
 /// which must then be closed.
-pub async fn write_message<W: AsyncWrite + Unpin>(
-    w: &mut W,
-    msg: &Message,
-    scratch: &mut Vec<u8>,
-) -> io::Result<()> {
+pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> io::Result<()> {
+    let mut buf = Vec::new();
+    frame_into(msg, &mut buf)?;
+    write_frame(w, &buf).await
+}
+
+/// Replaces the contents of `buf` with the frame of `msg` (see [`frame`]), so that a
+/// caller can reuse buffers and let go of the message before the frame is written. An
+/// `InvalidData` error for a message over [`MAX_MESSAGE`].
+pub fn frame_into(msg: &Message, buf: &mut Vec<u8>) -> io::Result<()> {
     let len = msg.encoded_len();
     if len > MAX_MESSAGE {
         return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
     }
-    scratch.clear();
-    encode_frame(msg, len, scratch);
-    w.write_all(scratch).await?;
+    buf.clear();
+    encode_frame(msg, len, buf);
+    Ok(())
+}
+
+/// Writes an encoded frame (from [`frame_into`]) to `w` and flushes.
+///
+/// # Cancel safety
+///
+/// Not cancel safe, as [`write_message`].
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, frame: &[u8]) -> io::Result<()> {
+    w.write_all(frame).await?;
     w.flush().await
 }
 
@@ -1161,9 +1179,8 @@ mod tests {
         let pool = FramePool::new();
         let mut scratch = pool.get();
         let mut stream = futures::io::Cursor::new(Vec::new());
-        write_message(&mut stream, &sample(), &mut scratch)
-            .await
-            .unwrap();
+        frame_into(&sample(), &mut scratch).unwrap();
+        write_frame(&mut stream, &scratch).await.unwrap();
         pool.put(scratch);
         assert_eq!(pool.idle(), 1);
         let bytes = stream.into_inner();
@@ -1203,10 +1220,8 @@ mod tests {
     #[tokio::test]
     async fn framing_round_trips() {
         let mut stream = futures::io::Cursor::new(Vec::new());
-        write_message(&mut stream, &sample(), &mut Vec::new())
-            .await
-            .unwrap();
-        write_message(&mut stream, &Message::default(), &mut Vec::new())
+        write_message(&mut stream, &sample()).await.unwrap();
+        write_message(&mut stream, &Message::default())
             .await
             .unwrap();
         let bytes = stream.into_inner();

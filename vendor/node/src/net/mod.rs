@@ -6,4 +6,5 @@ pub mod fetch;
 pub mod frames;
 pub mod host;
 pub mod message;
+pub mod serving;
 pub mod spr;

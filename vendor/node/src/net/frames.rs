@@ -4,7 +4,7 @@
 //! glibc hands such buffers back to the kernel between frames (unmapping or trimming them),
 //! and every page of the next one is faulted in and zeroed again: on a 1 GiB download that
 //! was 80 000 to 190 000 page faults. Pooled buffers are reused instead; the pool keeps at
-//! most [`KEEP`] idle send buffers and [`KEEP_MAPS`] receive maps.
+//! most 4 idle send buffers and 16 receive maps.
 //!
 //! A received frame's buffer goes back to the pool when the last block sliced from it is
 //! dropped, which can be much later and in any order. These buffers are anonymous memory

@@ -646,24 +646,14 @@ async fn read_rest<R: AsyncRead + Unpin>(
         r.read_exact(&mut map[..len]).await?;
         return Message::decode_bytes(pool.share(map, len)).map_err(invalid);
     }
-    // Beyond FRAME_BUF the buffer doubles as bytes actually arrive, so an announced length
+    // Beyond FRAME_BUF the buffer grows as bytes actually arrive, so an announced length
     // alone cannot make the node allocate more.
-    let mut buf = vec![0u8; len.min(FRAME_BUF)];
-    let mut filled = 0;
-    while filled < len {
-        if filled == buf.len() {
-            let grown = (buf.len() * 2).min(len);
-            buf.resize(grown, 0);
-        }
-        match r.read(&mut buf[filled..]).await {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    let mut buf = Vec::with_capacity(len.min(FRAME_BUF));
+    r.take(len as u64).read_to_end(&mut buf).await?;
+    if buf.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let bytes = Bytes::from(buf);
-    Message::decode_bytes(bytes).map_err(invalid)
+    Message::decode_bytes(Bytes::from(buf)).map_err(invalid)
 }
 
 /// Writes `msg` to `w` as one frame and flushes.

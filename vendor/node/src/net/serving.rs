@@ -2,7 +2,7 @@
 //!
 //! Without it every peer's send queue could fill with blocks: 8 messages of 20 blocks each,
 //! about 10 MiB per peer, and a peer that asks for everything and stops reading keeps its
-//! queue full. With it the node holds at most [`ServeBudget::total`] bytes of blocks for
+//! queue full. With it the node holds at most the budget's total bytes of blocks for
 //! all peers together (plus at most one block per peer, see below), split evenly among the
 //! peers it is serving at the moment, and no peer more than its cap.
 //!
@@ -46,11 +46,6 @@ impl ServeBudget {
             state: Mutex::new(State::default()),
             freed: Condvar::new(),
         })
-    }
-
-    /// The budget's size in bytes.
-    pub fn total(&self) -> u64 {
-        self.total
     }
 
     /// Bytes held by all peers now.

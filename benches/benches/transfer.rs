@@ -10,6 +10,10 @@
 //! cargo bench -p codex-benches --bench transfer                      # 1 GiB
 //! CODEX_BENCH_GIB=10 cargo bench -p codex-benches --bench transfer   # 10 GiB
 //! ```
+//!
+//! It also reports the CPU time each process spent per GiB: the two processes share the
+//! machine's cores, so on a small machine that is what bounds the rate.
+//!
 //! Knobs: `CODEX_BENCH_GIB` (size in GiB, default 1; `CODEX_BENCH_MIB` wins when set),
 //! `CODEX_BENCH_BT` (path of bt_bench.sh, or `0` to skip the baseline),
 //! `CODEX_BENCH_BT_REPS` (its repeats, default 3), `CODEX_BENCH_DROP_CACHES` (default 1:
@@ -28,7 +32,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use codex::{Cid, CodexConfig, CodexNode};
-use codex_benches::{env_u64, generate, peak_rss, reset_peak_rss, sha256_rate};
+use codex_benches::{cpu_time, env_u64, generate, peak_rss, reset_peak_rss, sha256_rate};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -68,10 +72,11 @@ fn node_process(role: &str) -> Res<()> {
                 let cid = node.upload().file(&file).await?;
                 // Serving, not uploading, is measured.
                 reset_peak_rss();
+                let cpu = cpu_time();
                 println!("ready {} {} {cid}", debug.id, debug.addrs[0]);
                 let mut line = String::new();
                 while std::io::stdin().read_line(&mut line)? > 0 {}
-                println!("rss {}", peak_rss());
+                println!("rss {} {}", peak_rss(), (cpu_time() - cpu).as_secs_f64());
             }
             "leech" => {
                 let cid: Cid = std::env::var("CODEX_BENCH_CID")?.parse()?;
@@ -90,6 +95,7 @@ fn node_process(role: &str) -> Res<()> {
                     }
                 }
                 let complete = started.elapsed();
+                let cpu = cpu_time();
                 sync_dir(&dir)?;
                 let synced = started.elapsed();
                 let rss = peak_rss();
@@ -100,9 +106,10 @@ fn node_process(role: &str) -> Res<()> {
                     sha.update(chunk?);
                 }
                 println!(
-                    "done {} {} {rss} {}",
+                    "done {} {} {rss} {} {}",
                     complete.as_secs_f64(),
                     synced.as_secs_f64(),
+                    cpu.as_secs_f64(),
                     hex(&sha.finalize())
                 );
             }
@@ -166,16 +173,17 @@ impl Seeder {
         })
     }
 
-    /// Stops the seeder; returns its peak RSS while serving.
-    fn stop(mut self) -> Res<u64> {
+    /// Stops the seeder; returns its peak RSS and the CPU time it used while serving.
+    fn stop(mut self) -> Res<(u64, Duration)> {
         drop(self.stdin.take());
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
         self.child.wait()?;
-        Ok(line
-            .strip_prefix("rss ")
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0))
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let ["rss", rss, cpu] = words.as_slice() else {
+            return Err(format!("seeder said {line:?}").into());
+        };
+        Ok((rss.parse()?, Duration::from_secs_f64(cpu.parse()?)))
     }
 }
 
@@ -184,6 +192,8 @@ struct Leech {
     complete: Duration,
     synced: Duration,
     rss: u64,
+    /// CPU time the leecher used until complete.
+    cpu: Duration,
     disk: u64,
 }
 
@@ -198,7 +208,7 @@ fn leech(seed: &Seeder, dir: &Path, expect_sha: &str) -> Res<Leech> {
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     let words: Vec<&str> = text.split_whitespace().collect();
-    let ["done", complete, synced, rss, sha] = words.as_slice() else {
+    let ["done", complete, synced, rss, cpu, sha] = words.as_slice() else {
         return Err(format!("leecher said {text:?}").into());
     };
     if *sha != expect_sha {
@@ -208,6 +218,7 @@ fn leech(seed: &Seeder, dir: &Path, expect_sha: &str) -> Res<Leech> {
         complete: Duration::from_secs_f64(complete.parse()?),
         synced: Duration::from_secs_f64(synced.parse()?),
         rss: rss.parse()?,
+        cpu: Duration::from_secs_f64(cpu.parse()?),
         disk: disk_used(dir),
     })
 }
@@ -274,6 +285,8 @@ fn file_sha256(path: &Path) -> Res<String> {
 struct Figures {
     runs: Vec<Leech>,
     seed_rss: u64,
+    /// CPU time the seeder used serving all runs.
+    seed_cpu: Duration,
     sha: f64,
     disk: f64,
 }
@@ -320,7 +333,7 @@ fn transfer(c: &mut Criterion) {
         });
     });
     g.finish();
-    fig.seed_rss = seed.stop().expect("stop the seeder");
+    (fig.seed_rss, fig.seed_cpu) = seed.stop().expect("stop the seeder");
     fig.runs = runs;
     *FIGURES.lock().unwrap_or_else(|p| p.into_inner()) = Some(fig);
 }
@@ -440,5 +453,13 @@ fn main() {
         max(&|r| r.rss) >> 20,
         fig.seed_rss >> 20,
         max(&|r| r.disk) >> 20
+    );
+    // Both processes share the machine's cores, so CPU time per GiB bounds the rate.
+    let gib = size as f64 / (1u64 << 30) as f64;
+    let runs = fig.runs.len().max(1) as f64;
+    println!(
+        "  CPU time per GiB: leecher {:.2} s, seeder {:.2} s (serving, averaged over runs)",
+        mean(&|r| r.cpu).as_secs_f64() / gib,
+        fig.seed_cpu.as_secs_f64() / runs / gib
     );
 }

@@ -59,6 +59,17 @@ pub fn sha256_rate() -> f64 {
     (n * 65536) as f64 / t.elapsed().as_secs_f64()
 }
 
+/// CPU time (user plus system) this process has used so far.
+pub fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the zeroed struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(u.ru_utime) + tv(u.ru_stime)
+}
+
 /// Peak resident memory of this process in bytes (`VmHWM`).
 pub fn peak_rss() -> u64 {
     status_kib("VmHWM:") * 1024

@@ -88,18 +88,14 @@ impl Providers {
         }
     }
 
-    /// The live providers of `key`.
+    /// The live providers of `key`, the most recently announced first.
     pub fn get(&self, key: &NodeId, now: Instant) -> Vec<Spr> {
-        self.keys
-            .get(key)
-            .map(|k| {
-                k.providers
-                    .values()
-                    .filter(|r| r.expires > now)
-                    .map(|r| r.spr.clone())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(k) = self.keys.get(key) else {
+            return Vec::new();
+        };
+        let mut live: Vec<&Record> = k.providers.values().filter(|r| r.expires > now).collect();
+        live.sort_by_key(|r| std::cmp::Reverse(r.expires));
+        live.into_iter().map(|r| r.spr.clone()).collect()
     }
 
     /// Forgets `peer` as a provider of anything (its addresses did not answer).

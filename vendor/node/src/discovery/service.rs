@@ -42,6 +42,11 @@ use crate::Cid;
 const ALPHA: usize = 3;
 /// Records per Nodes message.
 const NODES_PER_MESSAGE: usize = 3;
+/// Bytes of provider records in one Providers answer. A discv5 packet should stay within
+/// 1280 bytes to cross the Internet unfragmented, and the packet header, the message's
+/// framing and the GCM tag take under 120 of them. The reference answers with every record
+/// it holds (up to 200, some 30 KB), which is fragmented or dropped beyond a few records.
+const PROVIDER_BYTES: usize = 1150;
 /// Nodes answered to FindNodeFast.
 const FAST_NODES: usize = 6;
 /// Sessions kept.
@@ -1028,11 +1033,13 @@ impl Transport {
             }
             Request::GetProviders { key } => vec![Response::Providers {
                 total: 1,
-                records: lock(&inner.providers)
-                    .get(&key, Instant::now())
-                    .iter()
-                    .map(|s| s.envelope().to_vec())
-                    .collect(),
+                records: fit(
+                    lock(&inner.providers)
+                        .get(&key, Instant::now())
+                        .iter()
+                        .map(|s| s.envelope().to_vec()),
+                    PROVIDER_BYTES,
+                ),
             }],
         }
     }
@@ -1075,6 +1082,22 @@ impl Transport {
 }
 
 /// Records split into Nodes messages of 3 (one empty message for none).
+/// The first of `records` whose encodings (with their field framing) fit in `budget`
+/// bytes; one too large for the budget is skipped.
+fn fit(records: impl Iterator<Item = Vec<u8>>, budget: usize) -> Vec<Vec<u8>> {
+    let mut left = budget;
+    let mut out = Vec::new();
+    for r in records {
+        // Field tag and length varint.
+        let size = r.len() + 1 + if r.len() < 128 { 1 } else { 2 };
+        if size <= left {
+            left -= size;
+            out.push(r);
+        }
+    }
+    out
+}
+
 fn nodes(records: Vec<Vec<u8>>) -> Vec<Response> {
     if records.is_empty() {
         return vec![Response::Nodes {
@@ -1098,6 +1121,39 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn a_providers_answer_fits_one_unfragmented_packet() {
+        // 50 providers with records of a realistic size (an SPR with two addresses).
+        let key = Keypair::generate_secp256k1();
+        let record = spr::sign(
+            &key,
+            1,
+            &[
+                "/ip4/192.168.1.20/tcp/8070".parse().unwrap(),
+                "/ip6/2001:db8::1/tcp/8070".parse().unwrap(),
+            ],
+        )
+        .unwrap()
+        .envelope()
+        .to_vec();
+        let records = fit(std::iter::repeat_n(record.clone(), 50), PROVIDER_BYTES);
+        assert!(records.len() >= 3, "only {} records fit", records.len());
+        assert!(records.len() < 50);
+        let msg = Message::Response(
+            vec![0xff; 8], // the longest request ID
+            Response::Providers { total: 1, records },
+        );
+        // Masking IV, static header, message authdata (source ID), GCM tag.
+        let packet = 16 + 23 + 32 + msg.encode().len() + 16;
+        assert!(packet <= 1280, "{packet} bytes");
+        // A record larger than the budget is skipped, not sent alone.
+        let huge = vec![0u8; PROVIDER_BYTES];
+        assert_eq!(
+            fit([huge, record.clone()].into_iter(), PROVIDER_BYTES),
+            vec![record]
+        );
+    }
 
     #[test]
     fn lookup_distances_match_the_reference() {

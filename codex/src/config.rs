@@ -262,8 +262,7 @@ impl CodexConfigBuilder {
         self
     }
 
-    /// Worker threads of the node's runtime, 0 = automatic: half the cores, between 1 and 4
-    /// (`num-threads`). Hashing and disk work run on threads of their own.
+    /// Worker threads of the node, 0 = automatic (`num-threads`).
     pub fn num_threads(mut self, n: usize) -> Self {
         self.cfg.num_threads = Some(n);
         self

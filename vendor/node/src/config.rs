@@ -94,8 +94,7 @@ pub struct NodeConfig {
     pub bootstrap_nodes: Vec<String>,
     /// `max-peers`.
     pub max_peers: u32,
-    /// `num-threads`: the runtime's worker threads (0 = automatic: half the cores, between
-    /// 1 and 4).
+    /// `num-threads` (0 = automatic).
     pub num_threads: usize,
     /// `agent-string`.
     pub agent_string: String,

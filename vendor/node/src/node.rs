@@ -213,7 +213,7 @@ impl Node {
         let peer_id = PeerId::from(key.public());
         // Built last: nothing after it can fail, so it is never dropped half-used.
         let workers = match config.num_threads {
-            0 => auto_workers(std::thread::available_parallelism().map_or(2, |n| n.get())),
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             n => n,
         };
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1146,17 +1146,6 @@ impl Download {
     }
 }
 
-/// The runtime's worker threads when `num-threads` is 0: half the cores, between 1 and 4.
-/// The workers run the network (Noise, mplex, the block exchange); hashing and disk work
-/// run on threads of their own (a writer per download, the blocking pool for serving and
-/// uploads), and the node shares the machine with the application embedding it. With a
-/// worker per core, two nodes on a 2-core machine moved 1 GiB about 10% slower and used
-/// more CPU and memory than with one each: tokio's idle workers park and are woken for
-/// almost every frame.
-fn auto_workers(cores: usize) -> usize {
-    (cores / 2).clamp(1, 4)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1165,12 +1154,6 @@ mod tests {
         let mut cfg = NodeConfig::new(dir);
         cfg.storage_quota = 1 << 30;
         Node::new(cfg).unwrap()
-    }
-
-    #[test]
-    fn automatic_workers_are_half_the_cores_from_one_to_four() {
-        let got: Vec<usize> = [1, 2, 3, 4, 8, 64].into_iter().map(auto_workers).collect();
-        assert_eq!(got, [1, 1, 1, 2, 4, 4]);
     }
 
     #[tokio::test]

@@ -168,16 +168,24 @@ impl Host {
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
         let control = swarm.behaviour().stream.new_control();
+        let mut waiting = HashSet::new();
         for addr in &cfg.listen {
-            swarm
+            let id = swarm
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Network(format!("listening on {addr}: {e}")))?;
+            waiting.insert(id);
         }
         // Wait for every listener to be up (or fail), so addresses are known on return.
         let mut listening = Vec::new();
-        while listening.len() < cfg.listen.len() {
+        while !waiting.is_empty() {
             match tokio::time::timeout(Duration::from_secs(10), swarm.select_next_some()).await {
-                Ok(SwarmEvent::NewListenAddr { address, .. }) => listening.push(address),
+                Ok(SwarmEvent::NewListenAddr {
+                    listener_id,
+                    address,
+                }) => {
+                    waiting.remove(&listener_id);
+                    listening.push(address);
+                }
                 Ok(SwarmEvent::ListenerError { error, .. }) => {
                     return Err(Error::Network(format!("listener failed: {error}")))
                 }
@@ -190,6 +198,24 @@ impl Host {
                 }
                 Ok(_) => {}
                 Err(_) => return Err(Error::Network("listeners did not come up in 10 s".into())),
+            }
+        }
+        // A wildcard listener reports each interface's address in turn: take the ones that
+        // follow at once too, or the record signed at start would lack them and be signed
+        // again a moment later.
+        if cfg.listen.iter().any(is_wildcard) {
+            let until = tokio::time::Instant::now() + Duration::from_millis(500);
+            while let Ok(event) = tokio::time::timeout_at(
+                until.min(tokio::time::Instant::now() + Duration::from_millis(100)),
+                swarm.select_next_some(),
+            )
+            .await
+            {
+                if let SwarmEvent::NewListenAddr { address, .. } = event {
+                    if !listening.contains(&address) {
+                        listening.push(address);
+                    }
+                }
             }
         }
         let info = Arc::new(Mutex::new(HostInfo {
@@ -404,6 +430,15 @@ fn is_private(ip: &IpAddr) -> bool {
             v4.is_private() || v4.is_link_local() || (a == 100 && (64..128).contains(&b))
         }
         IpAddr::V6(v6) => v6.is_unique_local() || v6.is_unicast_link_local(),
+    }
+}
+
+/// Whether `addr` listens on every interface (`0.0.0.0` or `::`).
+fn is_wildcard(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_unspecified(),
+        Some(Protocol::Ip6(ip)) => ip.is_unspecified(),
+        _ => false,
     }
 }
 
@@ -807,6 +842,41 @@ mod tests {
 
     fn addrs(list: &[&str]) -> Vec<Multiaddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_wildcard_listener_has_every_interface_address_on_start() {
+        let (events, _rx) = mpsc::channel(16);
+        let host = Host::start(
+            Keypair::generate_secp256k1(),
+            HostConfig {
+                listen: addrs(&["/ip4/0.0.0.0/tcp/0", "/ip4/127.0.0.1/tcp/0"]),
+                max_peers: 8,
+                agent: "test".into(),
+                nat: Nat::None,
+                relay: RelayMode::Never,
+                relays: Vec::new(),
+            },
+            events,
+        )
+        .await
+        .unwrap();
+        let at_start = host.info().listen;
+        // Both listeners are up, the explicit one among them.
+        assert!(
+            at_start
+                .iter()
+                .filter(|a| a.to_string().starts_with("/ip4/127.0.0.1/"))
+                .count()
+                >= 2,
+            "{at_start:?}"
+        );
+        // Nothing the wildcard listener reports later was missing at start (on a machine
+        // with an interface besides loopback, its address came in after the first one).
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let later = host.info().listen;
+        assert_eq!(at_start.len(), later.len(), "{at_start:?} then {later:?}");
+        host.shutdown().await;
     }
 
     #[test]

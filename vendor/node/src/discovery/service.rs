@@ -1081,7 +1081,6 @@ impl Transport {
     }
 }
 
-/// Records split into Nodes messages of 3 (one empty message for none).
 /// The first of `records` whose encodings (with their field framing) fit in `budget`
 /// bytes; one too large for the budget is skipped.
 fn fit(records: impl Iterator<Item = Vec<u8>>, budget: usize) -> Vec<Vec<u8>> {
@@ -1098,6 +1097,7 @@ fn fit(records: impl Iterator<Item = Vec<u8>>, budget: usize) -> Vec<Vec<u8>> {
     out
 }
 
+/// Records split into Nodes messages of 3 (one empty message for none).
 fn nodes(records: Vec<Vec<u8>>) -> Vec<Response> {
     if records.is_empty() {
         return vec![Response::Nodes {

@@ -435,11 +435,7 @@ fn is_private(ip: &IpAddr) -> bool {
 
 /// Whether `addr` listens on every interface (`0.0.0.0` or `::`).
 fn is_wildcard(addr: &Multiaddr) -> bool {
-    match addr.iter().next() {
-        Some(Protocol::Ip4(ip)) => ip.is_unspecified(),
-        Some(Protocol::Ip6(ip)) => ip.is_unspecified(),
-        _ => false,
-    }
+    first_ip(addr).is_some_and(|ip| ip.is_unspecified())
 }
 
 /// Whether an address goes through a relay.

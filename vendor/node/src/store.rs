@@ -39,7 +39,7 @@ pub use fill::TreeFill;
 use tree_file::TreeFile;
 
 /// Current schema version (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// Expiry of blocks that never expire.
 const NEVER: i64 = i64::MAX;
@@ -93,6 +93,14 @@ CREATE TABLE holes (
 ALTER TABLE trees ADD COLUMN leaf_count INTEGER NOT NULL DEFAULT 0;
 UPDATE trees SET leaf_count = length(leaves) / 32;
 ";
+
+/// Version 3: a partial tree's leaves are its own rows of `partial` until the tree
+/// completes; only then do they join `blocks` (with their references and expiry), in CID
+/// order. A download thus appends one row per block to `partial` instead of adding entries
+/// to three randomly keyed B-trees (`blocks`, `blocks_by_expiry`, `partial_by_digest`),
+/// which cost a page of WAL each per block: a fifth of a download's disk writes. Nothing
+/// looks leaves up by digest any more.
+const SCHEMA_V3: &str = "DROP INDEX partial_by_digest;";
 
 /// Store settings.
 #[derive(Debug, Clone)]
@@ -153,7 +161,8 @@ pub struct Store {
 #[derive(Debug)]
 struct TreeEntry {
     id: i64,
-    /// `None` while the tree is partial: its leaves and proofs are then rows of `partial`.
+    /// `None` while the tree is partial: its leaves and proofs are then rows of `partial`,
+    /// served by (tree, index) only, as they are in no row of `blocks` yet.
     tree: Option<TreeFile>,
     leaf_count: u64,
     block_size: u64,
@@ -209,10 +218,14 @@ impl Store {
             fill_ended: Condvar::new(),
         };
         store.recover()?;
-        let used: i64 =
-            lock(&store.db).query_row("SELECT COALESCE(SUM(size), 0) FROM blocks", [], |r| {
-                r.get(0)
-            })?;
+        // Blocks in the index, and those partial trees hold (one block size per leaf).
+        let used: i64 = lock(&store.db).query_row(
+            "SELECT (SELECT COALESCE(SUM(size), 0) FROM blocks)
+                  + (SELECT COALESCE(SUM(t.block_size), 0)
+                     FROM partial p JOIN trees t ON t.id = p.tree_id)",
+            [],
+            |r| r.get(0),
+        )?;
         store.used.store(used as u64, Ordering::SeqCst);
         store.check_disk_space()?;
         Ok(store)
@@ -425,6 +438,11 @@ impl Store {
             self.forget_tree(&tree_cid);
         }
         let mut added: u64 = 0;
+        // What a partial tree of this content held counted as used; it now joins `blocks`.
+        let was_partial = match existing {
+            Some((id, missing)) if missing > 0 => partial_bytes(&tx, id)?,
+            _ => 0,
+        };
         let tree_id = match existing {
             Some((id, _)) => id,
             None => {
@@ -442,8 +460,9 @@ impl Store {
             }
         };
         {
-            // The blocks this tree already holds (all of them when it is complete) only
-            // live longer; every other distinct block gains this tree as a reference.
+            // The blocks this tree already holds (all of them when it is complete; none
+            // when it is partial) only live longer; every other distinct block gains this
+            // tree as a reference.
             let held = match existing {
                 Some((id, _)) => held_digests(&tx, id)?,
                 None => HashSet::new(),
@@ -508,7 +527,7 @@ impl Store {
         }
         // Blocks found stored while uploading may have been deleted since: anything beyond
         // what the upload reserved must still fit, or the whole commit rolls back.
-        let extra = added.saturating_sub(reserved);
+        let extra = added.saturating_sub(reserved.saturating_add(was_partial));
         // On failure a new tree's file goes too (a rare database error elsewhere leaves it to
         // the sweep at the next open).
         let undo_move = || {
@@ -529,6 +548,7 @@ impl Store {
             return Err(e.into());
         }
         self.used.fetch_add(added, Ordering::SeqCst);
+        self.used.fetch_sub(was_partial, Ordering::SeqCst);
         self.release(extra);
         drop(db);
         // Kept the existing file: the one just written is not needed.
@@ -912,17 +932,12 @@ impl Store {
             }
             freed = delete_rows(&tx, &[cid.to_bytes()])?;
             if freed > 0 {
+                // Complete trees record a hole; a partial tree keeps its own copy.
                 for (tree_id, tree_cid, block_size, indices) in trees_containing(&tx, &digest)? {
                     let mut lost = 0;
                     for i in indices {
-                        // A partial tree forgets the leaf; a complete one records a hole.
                         lost += tx.execute(
-                            "DELETE FROM partial WHERE tree_id = ?1 AND idx = ?2",
-                            params![tree_id, i as i64],
-                        )?;
-                        lost += tx.execute(
-                            "INSERT OR IGNORE INTO holes (tree_id, idx)
-                             SELECT ?1, ?2 FROM trees WHERE id = ?1 AND length(leaves) > 0",
+                            "INSERT OR IGNORE INTO holes (tree_id, idx) VALUES (?1, ?2)",
                             params![tree_id, i as i64],
                         )?;
                         holes.push((tree_cid, block_size, i));
@@ -1011,8 +1026,8 @@ fn delete_rows(tx: &rusqlite::Transaction<'_>, cids: &[Vec<u8>]) -> Result<u64> 
     Ok(freed)
 }
 
-/// The distinct block digests a tree holds: a complete tree's leaves except its holes, or a
-/// partial tree's received leaves.
+/// The distinct block digests a tree holds in `blocks`: a complete tree's leaves except its
+/// holes. A partial tree's leaves are in no row of `blocks` yet: none.
 fn held_digests(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<HashSet<Digest32>> {
     let leaves: Vec<u8> =
         tx.query_row("SELECT leaves FROM trees WHERE id = ?1", [tree_id], |r| {
@@ -1020,10 +1035,6 @@ fn held_digests(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<HashSet<
         })?;
     let mut held = HashSet::new();
     if leaves.is_empty() {
-        let mut stmt = tx.prepare_cached("SELECT digest FROM partial WHERE tree_id = ?1")?;
-        for d in stmt.query_map([tree_id], |r| r.get::<_, Vec<u8>>(0))? {
-            held.insert(d?.try_into().unwrap_or([0; 32]));
-        }
         return Ok(held);
     }
     let holes: HashSet<u64> = {
@@ -1040,17 +1051,44 @@ fn held_digests(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<HashSet<
     Ok(held)
 }
 
-/// Drops one reference from every distinct block a tree being deleted holds. Blocks nobody
-/// else references are deleted; blocks that lived in this tree's file but are shared move
-/// their location to another tree that holds them. Returns the bytes freed.
+/// Bytes a partial tree holds: one block size per received leaf.
+fn partial_bytes(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<u64> {
+    let bytes: i64 = tx.query_row(
+        "SELECT COALESCE(SUM(t.block_size), 0) FROM partial p JOIN trees t ON t.id = p.tree_id
+         WHERE p.tree_id = ?1",
+        [tree_id],
+        |r| r.get(0),
+    )?;
+    Ok(bytes as u64)
+}
+
+/// Releases what a tree being deleted holds; returns the bytes freed. A partial tree's
+/// leaves are its own; a complete tree drops one reference from every distinct block it
+/// holds ([`drop_references`]).
 fn release_tree(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<u64> {
+    let partial = partial_bytes(tx, tree_id)?;
+    if partial > 0 {
+        return Ok(partial);
+    }
+    drop_references(tx, tree_id, held_digests(tx, tree_id)?)
+}
+
+/// Drops tree `tree_id`'s reference from each block of `digests`. Blocks nobody else
+/// references are deleted; blocks that lived in this tree's file but are shared move their
+/// location to another complete tree that holds them, or go when none does. Returns the
+/// bytes freed.
+fn drop_references(
+    tx: &rusqlite::Transaction<'_>,
+    tree_id: i64,
+    digests: HashSet<Digest32>,
+) -> Result<u64> {
     let mut freed = 0;
     let mut dec = tx.prepare_cached(
         "UPDATE blocks SET refs = refs - 1 WHERE cid = ?1 RETURNING refs, size, tree_id",
     )?;
     let mut del = tx.prepare_cached("DELETE FROM blocks WHERE cid = ?1")?;
     let mut relocate = Vec::new();
-    for digest in held_digests(tx, tree_id)? {
+    for digest in digests {
         let cid = Cid::from_digest(CidKind::Block, digest).to_bytes();
         let row: Option<(i64, i64, Option<i64>)> = dec
             .query_row([&cid], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -1087,53 +1125,31 @@ fn release_tree(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<u64> {
 /// A tree holding a given block: (id, cid, block size, leaf indices).
 type TreeHit = (i64, Cid, u64, Vec<u64>);
 
-/// Trees that hold `digest` (holes excluded). A full scan of complete trees, used only on
-/// the rare paths that delete shared blocks.
+/// Complete trees that hold `digest` (holes excluded). A full scan, used only on the rare
+/// paths that delete shared blocks.
 fn trees_containing(tx: &rusqlite::Transaction<'_>, digest: &Digest32) -> Result<Vec<TreeHit>> {
     let mut out = Vec::new();
-    {
-        let mut stmt = tx.prepare_cached(
-            "SELECT id, cid, block_size, leaves FROM trees WHERE length(leaves) > 0",
-        )?;
-        let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, Vec<u8>>(1)?,
-                r.get::<_, i64>(2)?,
-                r.get::<_, Vec<u8>>(3)?,
-            ))
-        })?;
-        let mut hole = tx.prepare_cached("SELECT 1 FROM holes WHERE tree_id = ?1 AND idx = ?2")?;
-        for row in rows {
-            let (id, cid, bs, leaves) = row?;
-            let mut idx = Vec::new();
-            for (i, l) in leaves.chunks_exact(32).enumerate() {
-                if l == digest && !hole.exists(params![id, i as i64])? {
-                    idx.push(i as u64);
-                }
-            }
-            if !idx.is_empty() {
-                out.push((id, Cid::from_bytes(&cid)?, bs as u64, idx));
-            }
-        }
-    }
-    let mut stmt = tx.prepare_cached(
-        "SELECT p.tree_id, t.cid, t.block_size, p.idx FROM partial p JOIN trees t ON t.id = p.tree_id
-         WHERE p.digest = ?1 ORDER BY p.tree_id",
-    )?;
-    let rows = stmt.query_map([digest.as_slice()], |r| {
+    let mut stmt = tx
+        .prepare_cached("SELECT id, cid, block_size, leaves FROM trees WHERE length(leaves) > 0")?;
+    let rows = stmt.query_map([], |r| {
         Ok((
             r.get::<_, i64>(0)?,
             r.get::<_, Vec<u8>>(1)?,
             r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
+            r.get::<_, Vec<u8>>(3)?,
         ))
     })?;
+    let mut hole = tx.prepare_cached("SELECT 1 FROM holes WHERE tree_id = ?1 AND idx = ?2")?;
     for row in rows {
-        let (id, cid, bs, i) = row?;
-        match out.last_mut() {
-            Some((last, .., idx)) if *last == id => idx.push(i as u64),
-            _ => out.push((id, Cid::from_bytes(&cid)?, bs as u64, vec![i as u64])),
+        let (id, cid, bs, leaves) = row?;
+        let mut idx = Vec::new();
+        for (i, l) in leaves.chunks_exact(32).enumerate() {
+            if l == digest && !hole.exists(params![id, i as i64])? {
+                idx.push(i as u64);
+            }
+        }
+        if !idx.is_empty() {
+            out.push((id, Cid::from_bytes(&cid)?, bs as u64, idx));
         }
     }
     Ok(out)
@@ -1184,6 +1200,28 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             )?;
         }
         tx.pragma_update(None, "user_version", 2)?;
+        tx.commit()?;
+    }
+    if version < 3 {
+        let tx = conn.transaction()?;
+        // Version 2 counted a partial tree's leaves in `blocks`: drop those references.
+        let partial: Vec<i64> = {
+            let mut stmt = tx.prepare("SELECT id FROM trees WHERE length(leaves) = 0")?;
+            let rows = stmt.query_map([], |r| r.get(0))?;
+            rows.collect::<rusqlite::Result<_>>()?
+        };
+        for id in partial {
+            let digests: HashSet<Digest32> = {
+                let mut stmt =
+                    tx.prepare("SELECT DISTINCT digest FROM partial WHERE tree_id = ?1")?;
+                let rows = stmt.query_map([id], |r| r.get::<_, Vec<u8>>(0))?;
+                rows.filter_map(|d| d.map(|d| d.try_into().ok()).transpose())
+                    .collect::<rusqlite::Result<_>>()?
+            };
+            drop_references(&tx, id, digests)?;
+        }
+        tx.execute_batch(SCHEMA_V3)?;
+        tx.pragma_update(None, "user_version", 3)?;
         tx.commit()?;
     }
     Ok(())
@@ -2125,6 +2163,109 @@ mod fill_tests {
         assert_eq!(read_all(&store, &c1), t1);
         store.delete(&c1).unwrap();
         let space = store.space().unwrap();
+        assert_eq!((space.quota_used_bytes, space.total_blocks), (0, 0));
+    }
+
+    #[test]
+    fn a_partial_tree_keeps_its_blocks_to_itself_until_complete() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sa, sb) = (open(a.path()), open(b.path()));
+        let (x, y) = (data(4096, 10), data(4096, 11));
+        // x twice in the dataset, and in a dataset b already holds.
+        let bytes = [x.clone(), y.clone(), x.clone()].concat();
+        let (mcid, manifest) = upload(&sa, &bytes, 4096);
+        let (other, _) = upload(&sb, &[x.clone(), data(4096, 12)].concat(), 4096);
+        let before = sb.space().unwrap();
+        let mut fill = sb.fill(&mcid, &manifest).unwrap();
+        copy(&sa, &mut fill, 0).unwrap();
+        copy(&sa, &mut fill, 1).unwrap();
+        fill.flush().unwrap();
+        // Served by tree address, counted as used, not yet indexed by CID.
+        assert!(sb.leaf(&manifest.tree_cid, 1).is_ok());
+        let ycid = Cid::hash_of(CidKind::Block, &y);
+        assert!(!sb.exists_block(&ycid).unwrap());
+        let space = sb.space().unwrap();
+        let mlen = manifest.encode().len() as u64;
+        assert_eq!(
+            space.quota_used_bytes,
+            before.quota_used_bytes + mlen + 2 * 4096
+        );
+        // Deleting x from the complete dataset leaves the download's copy alone.
+        let xcid = Cid::hash_of(CidKind::Block, &x);
+        sb.delete(&xcid).unwrap();
+        assert!(!sb.exists(&other).unwrap());
+        copy(&sa, &mut fill, 2).unwrap();
+        drop(fill);
+        assert!(sb.exists(&mcid).unwrap() && sb.exists_block(&ycid).unwrap());
+        assert_eq!(read_all(&sb, &mcid), bytes);
+        // x (stored again) and y once each, beside the other dataset's remaining block.
+        let space = sb.space().unwrap();
+        assert_eq!(space.total_blocks, 5);
+        assert_eq!(
+            space.quota_used_bytes,
+            2 * 4096 + mlen + before.quota_used_bytes - 4096
+        );
+        sb.delete(&other).unwrap();
+        assert_eq!(read_all(&sb, &mcid), bytes);
+        sb.delete(&mcid).unwrap();
+        let space = sb.space().unwrap();
+        assert_eq!((space.quota_used_bytes, space.total_blocks), (0, 0));
+    }
+
+    #[test]
+    fn a_version_2_store_with_a_partial_tree_migrates() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let sa = open(a.path());
+        let x = data(4096, 13);
+        let bytes = [x.clone(), data(4096, 14), data(4096, 15)].concat();
+        let (mcid, manifest) = upload(&sa, &bytes, 4096);
+        let sb = open(b.path());
+        let (other, _) = upload(&sb, &[x.clone(), data(4096, 16)].concat(), 4096);
+        let mut fill = sb.fill(&mcid, &manifest).unwrap();
+        copy(&sa, &mut fill, 0).unwrap();
+        copy(&sa, &mut fill, 1).unwrap();
+        drop(fill);
+        let space = sb.space().unwrap();
+        drop(sb);
+        // What version 2 kept: the partial leaves in `blocks`, counted once per tree.
+        {
+            let conn = Connection::open(b.path().join("repo.sqlite3")).unwrap();
+            let rows: Vec<(i64, i64, Vec<u8>)> = conn
+                .prepare("SELECT tree_id, idx, digest FROM partial")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            for (tree, idx, digest) in rows {
+                let cid = Cid::from_digest(CidKind::Block, digest.try_into().unwrap()).to_bytes();
+                let new = conn
+                    .execute(
+                        "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+                         VALUES (?1, 4096, ?2, 1, ?3, ?4)",
+                        params![cid, NEVER, tree, idx],
+                    )
+                    .unwrap();
+                if new == 0 {
+                    conn.execute("UPDATE blocks SET refs = refs + 1 WHERE cid = ?1", [cid])
+                        .unwrap();
+                }
+            }
+            conn.execute_batch(
+                "CREATE INDEX partial_by_digest ON partial(digest); PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        let sb = open(b.path());
+        assert_eq!(sb.space().unwrap(), space);
+        let mut fill = sb.fill(&mcid, &manifest).unwrap();
+        copy(&sa, &mut fill, 2).unwrap();
+        drop(fill);
+        assert_eq!(read_all(&sb, &mcid), bytes);
+        sb.delete(&other).unwrap();
+        assert_eq!(read_all(&sb, &mcid), bytes);
+        sb.delete(&mcid).unwrap();
+        let space = sb.space().unwrap();
         assert_eq!((space.quota_used_bytes, space.total_blocks), (0, 0));
     }
 

@@ -1,9 +1,12 @@
 //! Filling a tree block by block, as blocks arrive from the network in any order.
 //!
 //! A dataset being downloaded is registered at once (manifest, tree row with an empty
-//! `leaves` blob, its data file at full size): every block is servable to other peers as soon
-//! as its metadata is flushed, with the proof it arrived with. When the last block is in, the
-//! leaves are assembled, checked against the tree CID, and the tree becomes complete.
+//! `leaves` blob, its data file at full size): every block is servable to other peers by
+//! (tree, index) as soon as its `partial` row is flushed, with the proof it arrived with.
+//! When the last block is in, the leaves are assembled and checked against the tree CID, the
+//! tree becomes complete, and its blocks join the `blocks` index (by CID, with references
+//! and expiry) in one sorted pass. Until then a download appends one row per block and
+//! touches no randomly keyed index.
 //!
 //! Crash safety: a block's bytes are written before its metadata commits, so a row never
 //! names bytes that are not in the file. Without fsync this holds for process crashes; after
@@ -46,8 +49,9 @@ pub struct TreeFill {
     /// Leaf indices held (committed or pending).
     have: Bits,
     missing: u64,
-    /// Distinct digests a complete tree being repaired holds. A partial tree asks its
-    /// `partial` rows instead, so a download keeps no per-block state but one bit.
+    /// Distinct digests a complete tree being repaired holds; `None` while the tree is
+    /// partial, whose leaves join `blocks` only when it completes: a download keeps no
+    /// per-block state but one bit.
     digests: Option<HashSet<Digest32>>,
     /// The leaves of a complete tree being repaired; `None` while partial.
     known: Option<Vec<Digest32>>,
@@ -379,28 +383,22 @@ impl TreeFill {
             )?;
             let mut hole =
                 tx.prepare_cached("DELETE FROM holes WHERE tree_id = ?1 AND idx = ?2")?;
-            let mut held = tx.prepare_cached(
-                "SELECT 1 FROM partial WHERE digest = ?2 AND tree_id = ?1 LIMIT 1",
-            )?;
             for (index, digest, proof) in &pending {
-                // Whether the tree already holds this content at another index.
-                let new_digest = match &self.digests {
-                    Some(set) => !set.contains(digest),
-                    None => !held.exists(params![self.tree_id, digest])?,
+                let Some(set) = &mut self.digests else {
+                    // A partial tree's leaf is its own until the tree completes.
+                    if leaf.execute(params![self.tree_id, *index as i64, digest, proof])? == 1 {
+                        committed += 1;
+                        added += self.block_size;
+                    }
+                    continue;
                 };
-                let stored = if self.known.is_some() {
-                    hole.execute(params![self.tree_id, *index as i64])?
-                } else {
-                    leaf.execute(params![self.tree_id, *index as i64, digest, proof])?
-                };
-                if stored == 0 {
+                if hole.execute(params![self.tree_id, *index as i64])? == 0 {
                     continue;
                 }
                 committed += 1;
-                if let Some(set) = &mut self.digests {
-                    set.insert(*digest);
-                }
-                if new_digest {
+                // Unless the tree holds this content at another index already, the block
+                // gains the tree as a reference.
+                if set.insert(*digest) {
                     let cid = Cid::from_digest(CidKind::Block, *digest).to_bytes();
                     let at = *index as i64;
                     if insert.execute(params![
@@ -423,6 +421,8 @@ impl TreeFill {
             params![self.tree_id, committed],
             |r| r.get(0),
         )?;
+        // Bytes that moved from the partial tree into `blocks`.
+        let mut joined = 0;
         if missing <= 0 && self.known.is_none() {
             let root = assemble(&tx, self.tree_id, self.leaves)?;
             if root != self.tree_cid.digest() {
@@ -431,6 +431,8 @@ impl TreeFill {
                     detail: "the received leaves do not hash to the tree root".into(),
                 });
             }
+            added += join_blocks(&tx, self.tree_id, self.block_size, expiry)?;
+            joined = self.leaves * self.block_size;
             tx.execute("DELETE FROM partial WHERE tree_id = ?1", [self.tree_id])?;
         }
         tx.commit()?;
@@ -441,6 +443,7 @@ impl TreeFill {
         }
         drop(db);
         store.used.fetch_add(added, Ordering::SeqCst);
+        store.used.fetch_sub(joined, Ordering::SeqCst);
         let done = pending.len() as u64 * self.block_size;
         store.release(done.min(self.reserved));
         self.reserved = self.reserved.saturating_sub(done);
@@ -450,6 +453,46 @@ impl TreeFill {
         }
         Ok(())
     }
+}
+
+/// Enters the distinct leaves of a partial tree that has just completed into `blocks`, in
+/// CID order so that each page of the index is written once: a new block lives in this
+/// tree's file; one already stored gains the tree as a reference. SQLite sorts on disk, so
+/// memory stays flat whatever the size of the tree. Returns the bytes of the new blocks.
+fn join_blocks(
+    tx: &rusqlite::Transaction<'_>,
+    tree_id: i64,
+    block_size: u64,
+    expiry: i64,
+) -> Result<u64> {
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+         VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+    )?;
+    let mut refer = tx.prepare_cached(
+        "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
+    )?;
+    let mut leaves = tx.prepare(
+        "SELECT digest, MIN(idx) FROM partial WHERE tree_id = ?1 GROUP BY digest ORDER BY digest",
+    )?;
+    let rows = leaves.query_map([tree_id], |r| {
+        Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, i64>(1)?))
+    })?;
+    let mut added = 0;
+    for row in rows {
+        let (digest, idx) = row?;
+        let digest: Digest32 = digest.try_into().map_err(|_| Error::Corrupt {
+            cid: format!("tree row {tree_id}"),
+            detail: format!("leaf {idx} is not a 32-byte digest"),
+        })?;
+        let cid = Cid::from_digest(CidKind::Block, digest).to_bytes();
+        if insert.execute(params![cid, block_size as i64, expiry, tree_id, idx])? == 1 {
+            added += block_size;
+        } else {
+            refer.execute(params![cid, expiry])?;
+        }
+    }
+    Ok(added)
 }
 
 /// Moves the leaves of a partial tree that holds every leaf into its `leaves` blob, in

@@ -467,13 +467,6 @@ impl Store {
                 Some((id, _)) => held_digests(&tx, id)?,
                 None => HashSet::new(),
             };
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5)",
-            )?;
-            let mut refer = tx.prepare_cached(
-                "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
-            )?;
             let mut extend =
                 tx.prepare_cached("UPDATE blocks SET expiry = MAX(expiry, ?2) WHERE cid = ?1")?;
             let mut distinct = HashSet::with_capacity(tree.leaves().len());
@@ -481,20 +474,11 @@ impl Store {
                 if !distinct.insert(*leaf) {
                     continue;
                 }
-                let cid = Cid::from_digest(CidKind::Block, *leaf).to_bytes();
                 if held.contains(leaf) {
+                    let cid = Cid::from_digest(CidKind::Block, *leaf).to_bytes();
                     extend.execute(params![cid, expiry])?;
-                } else if insert.execute(params![
-                    cid,
-                    block_size as i64,
-                    expiry,
-                    tree_id,
-                    i as i64
-                ])? == 1
-                {
-                    added += block_size;
                 } else {
-                    refer.execute(params![cid, expiry])?;
+                    added += add_reference(&tx, leaf, block_size, expiry, tree_id, i as u64)?;
                 }
             }
         }
@@ -1049,6 +1033,34 @@ fn held_digests(tx: &rusqlite::Transaction<'_>, tree_id: i64) -> Result<HashSet<
         }
     }
     Ok(held)
+}
+
+/// Gives tree `tree_id` a reference to the block `digest`: a new row locating it at `idx`
+/// of the tree, or one more reference to the stored block, which then lives at least until
+/// `expiry`. Returns the bytes of a new block (0 for one already stored).
+fn add_reference(
+    tx: &rusqlite::Transaction<'_>,
+    digest: &Digest32,
+    block_size: u64,
+    expiry: i64,
+    tree_id: i64,
+    idx: u64,
+) -> Result<u64> {
+    let cid = Cid::from_digest(CidKind::Block, *digest).to_bytes();
+    let new = tx
+        .prepare_cached(
+            "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
+             VALUES (?1, ?2, ?3, 1, ?4, ?5)",
+        )?
+        .execute(params![cid, block_size as i64, expiry, tree_id, idx as i64])?;
+    if new == 1 {
+        return Ok(block_size);
+    }
+    tx.prepare_cached(
+        "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
+    )?
+    .execute(params![cid, expiry])?;
+    Ok(0)
 }
 
 /// Bytes a partial tree holds: one block size per received leaf.

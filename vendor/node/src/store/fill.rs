@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior, MAIN_DB};
 
-use super::{io_err, lock, Store};
+use super::{add_reference, io_err, lock, Store};
 use crate::bits::Bits;
 use crate::cid::{Cid, CidKind, Digest32};
 use crate::error::{Error, Result};
@@ -371,13 +371,6 @@ impl TreeFill {
         }
         let mut committed = 0i64;
         {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
-                 VALUES (?1, ?2, ?3, 1, ?4, ?5)",
-            )?;
-            let mut refer = tx.prepare_cached(
-                "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
-            )?;
             let mut leaf = tx.prepare_cached(
                 "INSERT OR IGNORE INTO partial (tree_id, idx, digest, proof) VALUES (?1, ?2, ?3, ?4)",
             )?;
@@ -399,20 +392,8 @@ impl TreeFill {
                 // Unless the tree holds this content at another index already, the block
                 // gains the tree as a reference.
                 if set.insert(*digest) {
-                    let cid = Cid::from_digest(CidKind::Block, *digest).to_bytes();
-                    let at = *index as i64;
-                    if insert.execute(params![
-                        cid,
-                        self.block_size as i64,
-                        expiry,
-                        self.tree_id,
-                        at
-                    ])? == 1
-                    {
-                        added += self.block_size;
-                    } else {
-                        refer.execute(params![cid, expiry])?;
-                    }
+                    added +=
+                        add_reference(&tx, digest, self.block_size, expiry, self.tree_id, *index)?;
                 }
             }
         }
@@ -465,13 +446,6 @@ fn join_blocks(
     block_size: u64,
     expiry: i64,
 ) -> Result<u64> {
-    let mut insert = tx.prepare_cached(
-        "INSERT OR IGNORE INTO blocks (cid, size, expiry, refs, tree_id, idx)
-         VALUES (?1, ?2, ?3, 1, ?4, ?5)",
-    )?;
-    let mut refer = tx.prepare_cached(
-        "UPDATE blocks SET refs = refs + 1, expiry = MAX(expiry, ?2) WHERE cid = ?1",
-    )?;
     let mut leaves = tx.prepare(
         "SELECT digest, MIN(idx) FROM partial WHERE tree_id = ?1 GROUP BY digest ORDER BY digest",
     )?;
@@ -485,12 +459,7 @@ fn join_blocks(
             cid: format!("tree row {tree_id}"),
             detail: format!("leaf {idx} is not a 32-byte digest"),
         })?;
-        let cid = Cid::from_digest(CidKind::Block, digest).to_bytes();
-        if insert.execute(params![cid, block_size as i64, expiry, tree_id, idx])? == 1 {
-            added += block_size;
-        } else {
-            refer.execute(params![cid, expiry])?;
-        }
+        added += add_reference(tx, &digest, block_size, expiry, tree_id, idx as u64)?;
     }
     Ok(added)
 }

@@ -455,13 +455,18 @@ fn join_blocks(
     let mut added = 0;
     for row in rows {
         let (digest, idx) = row?;
-        let digest: Digest32 = digest.try_into().map_err(|_| Error::Corrupt {
-            cid: format!("tree row {tree_id}"),
-            detail: format!("leaf {idx} is not a 32-byte digest"),
-        })?;
+        let digest = leaf_digest(tree_id, idx, digest)?;
         added += add_reference(tx, &digest, block_size, expiry, tree_id, idx as u64)?;
     }
     Ok(added)
+}
+
+/// The digest of leaf `idx` as a `partial` row of tree `tree_id` stores it.
+fn leaf_digest(tree_id: i64, idx: i64, digest: Vec<u8>) -> Result<Digest32> {
+    digest.try_into().map_err(|_| Error::Corrupt {
+        cid: format!("tree row {tree_id}"),
+        detail: format!("leaf {idx} is not a 32-byte digest"),
+    })
 }
 
 /// Moves the leaves of a partial tree that holds every leaf into its `leaves` blob, in
@@ -483,10 +488,7 @@ fn assemble(tx: &rusqlite::Transaction<'_>, tree_id: i64, count: u64) -> Result<
     let mut buf = Vec::with_capacity(SLICE);
     for (next, row) in (0u64..).zip(rows) {
         let (idx, digest) = row?;
-        let leaf: Digest32 = digest.try_into().map_err(|_| Error::Corrupt {
-            cid: format!("tree row {tree_id}"),
-            detail: format!("leaf {idx} is not a 32-byte digest"),
-        })?;
+        let leaf = leaf_digest(tree_id, idx, digest)?;
         if idx as u64 != next {
             return Err(Error::State(format!(
                 "leaf {next} of a completed tree is absent"

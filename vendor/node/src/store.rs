@@ -34,6 +34,7 @@ use crate::merkle::{CodexTree, Proof};
 
 mod fill;
 mod tree_file;
+mod writeback;
 
 pub use fill::TreeFill;
 use tree_file::TreeFile;

@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior, MAIN_DB};
 
+use super::writeback::Writeback;
 use super::{add_reference, io_err, lock, Store};
 use crate::bits::Bits;
 use crate::cid::{Cid, CidKind, Digest32};
@@ -46,6 +47,7 @@ pub struct TreeFill {
     block_size: u64,
     leaves: u64,
     file: File,
+    writeback: Writeback,
     /// Leaf indices held (committed or pending).
     have: Bits,
     missing: u64,
@@ -230,6 +232,7 @@ impl Store {
             block_size,
             leaves,
             file,
+            writeback: Writeback::default(),
             have,
             missing,
             digests,
@@ -322,6 +325,7 @@ impl TreeFill {
                 "writing block {index} of {}",
                 self.tree_cid
             )))?;
+        self.writeback.wrote(&self.file, (index + 1) * self.block_size);
         self.have.set(index, true);
         self.pending.push((index, digest, proof.encode()));
         if self.pending.len() >= FLUSH_EVERY {

@@ -1,0 +1,162 @@
+//! Streaming a large data file to disk while it is written.
+//!
+//! A download or upload of many gigabytes would otherwise leave all of its data dirty in
+//! the page cache until the kernel's flusher or the final sync gets to it: the host's
+//! useful cache is evicted for data nobody is about to read, writers across the system are
+//! throttled once the dirty limit is reached, and the final sync waits for gigabytes.
+//! [`Writeback`] starts writing each new stretch of the file as soon as it is a few
+//! megabytes long and, one stretch later, waits for it (long since on its way) and lets
+//! its pages go. A file smaller than two stretches keeps its pages, so a small dataset
+//! read back at once (an archive being imported) is read from memory.
+//!
+//! Everything here is advice to the kernel: errors are ignored, as the sync that makes the
+//! data durable reports them.
+
+use std::fs::File;
+
+/// How much newly written data starts its writeback in one call.
+const STRETCH: u64 = 8 << 20;
+
+/// The part of a file written back and released so far. Offsets grow with the highest
+/// byte written; data written below them later is left to the kernel and the final sync.
+#[derive(Debug, Default)]
+pub(crate) struct Writeback {
+    /// Bytes before this offset are released from the page cache.
+    released: u64,
+    /// Bytes before this offset have had their writeback started.
+    started: u64,
+    /// One past the highest byte written.
+    high: u64,
+}
+
+impl Writeback {
+    /// Notes that `file` was written up to `end`, and advances the writeback when a
+    /// stretch has built up since the last one.
+    pub(crate) fn wrote(&mut self, file: &File, end: u64) {
+        self.high = self.high.max(end);
+        if self.high - self.started < STRETCH {
+            return;
+        }
+        if self.started > self.released {
+            let (from, len) = (self.released, self.started - self.released);
+            wait_written(file, from, len);
+            release(file, from, len);
+            self.released = self.started;
+        }
+        start_writing(file, self.started, self.high - self.started);
+        self.started = self.high;
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn start_writing(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain syscall on a valid descriptor; no memory is passed.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn wait_written(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    unsafe {
+        libc::sync_file_range(
+            file.as_raw_fd(),
+            from as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                | libc::SYNC_FILE_RANGE_WRITE
+                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+        );
+    }
+}
+
+#[cfg(target_os = "linux")]
+fn release(file: &File, from: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: as above.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            from as libc::off_t,
+            len as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writing(_: &File, _: u64, _: u64) {}
+
+#[cfg(not(target_os = "linux"))]
+fn wait_written(_: &File, _: u64, _: u64) {}
+
+#[cfg(not(target_os = "linux"))]
+fn release(_: &File, _: u64, _: u64) {}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    /// Which 4 KiB pages of the first `len` bytes of `file` are in the page cache.
+    fn resident(file: &File, len: usize) -> Vec<bool> {
+        let page = 4096;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: a read-only shared map of `len` bytes of a file at least that long,
+        // only passed to mincore (never read) and unmapped before returning.
+        unsafe {
+            let addr = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(addr, libc::MAP_FAILED);
+            assert_eq!(libc::mincore(addr, len, vec.as_mut_ptr()), 0);
+            libc::munmap(addr, len);
+        }
+        vec.iter().map(|v| v & 1 == 1).collect()
+    }
+
+    #[test]
+    fn written_stretches_leave_the_page_cache_and_the_last_stays() {
+        // Inside the crate rather than the system temp dir, which may be tmpfs (whose
+        // pages cannot be released).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("data"))
+            .unwrap();
+        let mib = 1u64 << 20;
+        let block = vec![7u8; mib as usize];
+        let mut writeback = Writeback::default();
+        // Five stretches, a mebibyte at a time.
+        for i in 0..5 * STRETCH / mib {
+            file.write_all_at(&block, i * mib).unwrap();
+            writeback.wrote(&file, (i + 1) * mib);
+        }
+        let pages = resident(&file, (5 * STRETCH) as usize);
+        let (released, kept) = pages.split_at((4 * STRETCH / 4096) as usize);
+        assert!(
+            released.iter().all(|r| !r),
+            "{} pages of the first four stretches are still cached",
+            released.iter().filter(|r| **r).count()
+        );
+        assert!(kept.iter().all(|r| *r), "the last stretch was released");
+    }
+}

@@ -6,7 +6,8 @@
 //! When the last block is in, the leaves are assembled and checked against the tree CID, the
 //! tree becomes complete, and its blocks join the `blocks` index (by CID, with references
 //! and expiry) in one sorted pass. Until then a download appends one row per block and
-//! touches no randomly keyed index.
+//! touches no randomly keyed index. Its data goes to disk as it arrives and leaves the page
+//! cache behind it (see `writeback`).
 //!
 //! Crash safety: a block's bytes are written before its metadata commits, so a row never
 //! names bytes that are not in the file. Without fsync this holds for process crashes; after

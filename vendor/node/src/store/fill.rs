@@ -326,7 +326,8 @@ impl TreeFill {
                 "writing block {index} of {}",
                 self.tree_cid
             )))?;
-        self.writeback.wrote(&self.file, (index + 1) * self.block_size);
+        self.writeback
+            .wrote(&self.file, (index + 1) * self.block_size);
         self.have.set(index, true);
         self.pending.push((index, digest, proof.encode()));
         if self.pending.len() >= FLUSH_EVERY {

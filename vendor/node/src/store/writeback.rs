@@ -39,49 +39,43 @@ impl Writeback {
         }
         if self.started > self.released {
             let (from, len) = (self.released, self.started - self.released);
-            wait_written(file, from, len);
+            write_back(file, from, len, true);
             release(file, from, len);
             self.released = self.started;
         }
-        start_writing(file, self.started, self.high - self.started);
+        write_back(file, self.started, self.high - self.started, false);
         self.started = self.high;
     }
 }
 
+/// Starts writing back `len` bytes of `file` from `from`; with `wait`, first waits for
+/// writeback already under way there and then for all of it to finish.
 #[cfg(target_os = "linux")]
-fn start_writing(file: &File, from: u64, len: u64) {
+fn write_back(file: &File, from: u64, len: u64, wait: bool) {
     use std::os::fd::AsRawFd;
+    let flags = if wait {
+        libc::SYNC_FILE_RANGE_WAIT_BEFORE
+            | libc::SYNC_FILE_RANGE_WRITE
+            | libc::SYNC_FILE_RANGE_WAIT_AFTER
+    } else {
+        libc::SYNC_FILE_RANGE_WRITE
+    };
     // SAFETY: a plain syscall on a valid descriptor; no memory is passed.
     unsafe {
         libc::sync_file_range(
             file.as_raw_fd(),
             from as libc::off64_t,
             len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
+            flags,
         );
     }
 }
 
-#[cfg(target_os = "linux")]
-fn wait_written(file: &File, from: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: as above.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            from as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                | libc::SYNC_FILE_RANGE_WRITE
-                | libc::SYNC_FILE_RANGE_WAIT_AFTER,
-        );
-    }
-}
-
+/// Lets the clean pages of `len` bytes of `file` from `from` leave the page cache.
 #[cfg(target_os = "linux")]
 fn release(file: &File, from: u64, len: u64) {
     use std::os::fd::AsRawFd;
-    // SAFETY: as above.
+    // SAFETY: a plain syscall on a valid descriptor; no memory is passed.
     unsafe {
         libc::posix_fadvise(
             file.as_raw_fd(),
@@ -93,10 +87,7 @@ fn release(file: &File, from: u64, len: u64) {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn start_writing(_: &File, _: u64, _: u64) {}
-
-#[cfg(not(target_os = "linux"))]
-fn wait_written(_: &File, _: u64, _: u64) {}
+fn write_back(_: &File, _: u64, _: u64, _: bool) {}
 
 #[cfg(not(target_os = "linux"))]
 fn release(_: &File, _: u64, _: u64) {}

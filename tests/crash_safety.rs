@@ -101,20 +101,21 @@ async fn killed_mid_upload_keeps_completed_datasets() {
     assert_eq!(space.total_blocks, 6, "5 data blocks and the manifest");
     assert!(space.quota_used_bytes < 6 * 65536, "{space:?}");
     assert_eq!(std::fs::read_dir(data_dir.join("tmp")).unwrap().count(), 0);
-    // The completed dataset's data file, and its tree's layers (built at the first read).
+    // The completed dataset's data file, its block sums, and its tree's layers (built at
+    // the first read), all of one tree.
     let mut files: Vec<String> = std::fs::read_dir(data_dir.join("blocks"))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 2, "{files:?}");
-    assert!(
-        files[0].ends_with(".dat") && files[1].ends_with(".tree"),
-        "{files:?}"
-    );
+    let tree = files[0].trim_end_matches(".dat");
     assert_eq!(
-        files[0].trim_end_matches(".dat"),
-        files[1].trim_end_matches(".tree")
+        files,
+        [
+            format!("{tree}.dat"),
+            format!("{tree}.sum"),
+            format!("{tree}.tree")
+        ]
     );
 
     // And the store takes new uploads after the crash.

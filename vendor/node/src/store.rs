@@ -5,11 +5,13 @@
 //! - `blocks/<treeCid>.dat`: the padded blocks of one tree, block `i` at `i * blockSize`;
 //! - `blocks/<treeCid>.tree`: every layer of a complete tree, derived from its leaves and
 //!   read a few digests at a time to serve proofs (see `tree_file`);
+//! - `blocks/<treeCid>.sum`: a CRC32C of each block, written as it is stored (see `sums`);
 //! - `tmp/`: uploads in progress, renamed into `blocks/` just before their metadata commits.
 //!
 //! Blocks are de-duplicated by CID for accounting: the quota counts each distinct block once,
-//! plus manifest bytes. Every block read is verified against its tree leaf (and so, through
-//! the tree, against the tree root) before it is returned.
+//! plus manifest bytes. Every block read is checked before it is returned: against the sum
+//! recorded when its verified bytes were stored, or failing that against its tree leaf (and
+//! so, through the tree, against the tree root).
 //!
 //! Crash safety: the metadata of a dataset commits in one SQLite transaction after its data
 //! file is in place. At open, files in `tmp/` and data files no tree row names are removed, so
@@ -33,10 +35,12 @@ use crate::manifest::Manifest;
 use crate::merkle::{CodexTree, Proof};
 
 mod fill;
+mod sums;
 mod tree_file;
 mod writeback;
 
 pub use fill::TreeFill;
+use sums::{SumWriter, Sums};
 use tree_file::TreeFile;
 
 /// Current schema version (`PRAGMA user_version`).
@@ -168,6 +172,8 @@ struct TreeEntry {
     leaf_count: u64,
     block_size: u64,
     file: File,
+    /// The tree's block sums, when it has a sum file.
+    sums: Option<Sums>,
 }
 
 fn now_secs() -> i64 {
@@ -249,6 +255,7 @@ impl Store {
                 if let Ok(cid) = Cid::from_bytes(&row?) {
                     known.insert(format!("{cid}.dat"));
                     known.insert(format!("{cid}.tree"));
+                    known.insert(format!("{cid}.sum"));
                 }
             }
             known
@@ -392,7 +399,7 @@ impl Store {
             .map_err(io_err(format!("creating {}", path.display())))?;
         Ok(DatasetWriter {
             store: Arc::clone(self),
-            io: Some(BlockWriter::spawn(file)?),
+            io: Some(BlockWriter::spawn(file, &path.with_extension("sum"))?),
             path,
             block_size,
             buf: Vec::with_capacity(block_size),
@@ -438,6 +445,9 @@ impl Store {
             fs::rename(tmp, &final_path).map_err(io_err(format!("moving {}", tmp.display())))?;
             self.forget_tree(&tree_cid);
         }
+        // The upload's block sums are right for whichever data file the tree keeps.
+        let sums_path = self.sums_path(&tree_cid);
+        let _ = fs::rename(tmp.with_extension("sum"), &sums_path);
         let mut added: u64 = 0;
         // What a partial tree of this content held counted as used; it now joins `blocks`.
         let was_partial = match existing {
@@ -519,6 +529,7 @@ impl Store {
             if existing.is_none() {
                 self.forget_tree(&tree_cid);
                 let _ = fs::remove_file(&final_path);
+                let _ = fs::remove_file(&sums_path);
             }
         };
         if extra > 0 {
@@ -543,6 +554,11 @@ impl Store {
 
     fn tree_path(&self, tree_cid: &Cid) -> PathBuf {
         self.dir.join("blocks").join(format!("{tree_cid}.dat"))
+    }
+
+    /// Where a tree's block sums live ([`Sums`]).
+    fn sums_path(&self, tree_cid: &Cid) -> PathBuf {
+        self.dir.join("blocks").join(format!("{tree_cid}.sum"))
     }
 
     /// Where a complete tree's layers live ([`TreeFile`]).
@@ -631,6 +647,7 @@ impl Store {
             leaf_count: leaf_count as u64,
             block_size: block_size as u64,
             file,
+            sums: Sums::open(&self.sums_path(tree_cid)),
         }))
     }
 
@@ -664,7 +681,8 @@ impl Store {
         self.read_verified(tree_cid, entry, index, &leaf)
     }
 
-    /// Reads block `index` of a tree and checks it hashes to `leaf`.
+    /// Reads block `index` of a tree and checks it: against its recorded sum, or else by
+    /// hashing it to `leaf`.
     fn read_verified(
         &self,
         tree_cid: &Cid,
@@ -677,6 +695,9 @@ impl Store {
             .file
             .read_exact_at(&mut buf, index * entry.block_size)
             .map_err(io_err(format!("reading block {index} of tree {tree_cid}")))?;
+        if entry.sums.as_ref().is_some_and(|s| s.intact(index, &buf)) {
+            return Ok(buf.freeze());
+        }
         let digest: Digest32 = Sha256::digest(&buf).into();
         if &digest != leaf {
             let cid = Cid::from_digest(CidKind::Block, *leaf);
@@ -895,6 +916,7 @@ impl Store {
                     tracing::warn!(path = %path.display(), error = %e, "could not remove data file");
                 }
                 let _ = fs::remove_file(self.layers_path(&tree));
+                let _ = fs::remove_file(self.sums_path(&tree));
             } else {
                 tx.commit()?;
             }
@@ -1488,13 +1510,14 @@ impl Drop for DatasetWriter {
             let _ = io.finish();
         }
         self.store.release(self.reserved);
-        // After a successful finish the file was renamed away and this fails harmlessly.
+        // After a successful finish the files were renamed away and this fails harmlessly.
         let _ = fs::remove_file(&self.path);
+        let _ = fs::remove_file(self.path.with_extension("sum"));
     }
 }
 
-/// Writes an upload's blocks on a thread of its own, so hashing (in the caller) and writing
-/// proceed in parallel. At most `WRITE_QUEUE` blocks wait in between.
+/// Writes an upload's blocks, and their sums, on a thread of its own, so hashing (in the
+/// caller) and writing proceed in parallel. At most `WRITE_QUEUE` blocks wait in between.
 #[derive(Debug)]
 struct BlockWriter {
     tx: Option<std::sync::mpsc::SyncSender<(u64, Vec<u8>)>>,
@@ -1507,7 +1530,8 @@ struct BlockWriter {
 const WRITE_QUEUE: usize = 16;
 
 impl BlockWriter {
-    fn spawn(file: File) -> Result<Self> {
+    fn spawn(file: File, sums_path: &Path) -> Result<Self> {
+        let mut sums = SumWriter::create(sums_path);
         let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Vec<u8>)>(WRITE_QUEUE);
         let (spare_tx, spare) = std::sync::mpsc::sync_channel::<Vec<u8>>(WRITE_QUEUE);
         let thread = std::thread::Builder::new()
@@ -1525,9 +1549,13 @@ impl BlockWriter {
                     }
                     write_all_vectored_at(&file, &batch, offset)?;
                     for block in batch.drain(..) {
+                        sums.push(&block);
                         // When the hashing side has enough spares, the rest are freed.
                         let _ = spare_tx.try_send(block);
                     }
+                }
+                if let Err(e) = sums.finish() {
+                    tracing::debug!(error = %e, "an upload's block sums are incomplete");
                 }
                 Ok(())
             })
@@ -1696,6 +1724,14 @@ mod tests {
         Ok(out)
     }
 
+    /// The names of the files in the store's `blocks` directory.
+    fn block_files(dir: &Path) -> Vec<String> {
+        fs::read_dir(dir.join("blocks"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+
     #[test]
     fn reproduces_reference_cids() {
         let dir = tempfile::tempdir().unwrap();
@@ -1804,7 +1840,11 @@ mod tests {
         assert!(matches!(err, Error::Quota { .. }), "{err}");
         assert_eq!(store.space().unwrap(), before);
         assert!(!store.exists(&ca).unwrap());
-        assert_eq!(fs::read_dir(dir.path().join("blocks")).unwrap().count(), 1);
+        // Only b's data and sums are left: the failed commit took its files away.
+        let tree_b = store.manifest(&cb).unwrap().tree_cid;
+        let mut files = block_files(dir.path());
+        files.sort();
+        assert_eq!(files, [format!("{tree_b}.dat"), format!("{tree_b}.sum")]);
         assert_eq!(read_all(&store, &cb).unwrap(), b);
     }
 
@@ -1872,14 +1912,18 @@ mod tests {
         let store = open(dir.path(), 1 << 30);
         assert_eq!(read_all(&store, &cid).unwrap(), b"persistent");
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
-        // The stray file went; the tree's data and (built at the first read) layers stay.
-        let mut files: Vec<String> = fs::read_dir(dir.path().join("blocks"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        // The stray file went; the tree's data, sums and (built at the first read) layers stay.
+        let mut files = block_files(dir.path());
         files.sort();
         let tree = m.tree_cid;
-        assert_eq!(files, [format!("{tree}.dat"), format!("{tree}.tree")]);
+        assert_eq!(
+            files,
+            [
+                format!("{tree}.dat"),
+                format!("{tree}.sum"),
+                format!("{tree}.tree")
+            ]
+        );
         assert_eq!(store.list().unwrap().len(), 1);
         // A damaged layer file is noticed and built again.
         drop(store);
@@ -2066,6 +2110,61 @@ mod fill_tests {
         let sb = open(b.path());
         assert_eq!(read_all(&sb, &mcid), bytes);
         assert_eq!(sb.space().unwrap().quota_reserved_bytes, 0);
+    }
+
+    #[test]
+    fn block_sums_are_recorded_as_blocks_are_stored_and_damage_is_still_caught() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (sa, sb) = (open(a.path()), open(b.path()));
+        let bytes = data(6 * 4096, 4);
+        let block = |i: usize| &bytes[i * 4096..(i + 1) * 4096];
+        let (mcid, manifest) = upload(&sa, &bytes, 4096);
+        let tree = manifest.tree_cid;
+        let expected: Vec<u8> = (0..6)
+            .flat_map(|i| sums::sum(block(i)).unwrap().to_le_bytes())
+            .collect();
+        // An upload writes the sums of its blocks, in order.
+        assert_eq!(fs::read(sa.sums_path(&tree)).unwrap(), expected);
+        // A fill records the sum of each block it stores, and only of those.
+        let mut fill = sb.fill(&mcid, &manifest).unwrap();
+        for i in [4, 1] {
+            copy(&sa, &mut fill, i).unwrap();
+        }
+        let got = fs::read(sb.sums_path(&tree)).unwrap();
+        for i in 0..6 {
+            let want = if i == 1 || i == 4 {
+                &expected[i * 4..i * 4 + 4]
+            } else {
+                &[0u8; 4][..]
+            };
+            assert_eq!(&got[i * 4..i * 4 + 4], want, "sum of block {i}");
+        }
+        for i in [0, 2, 3, 5] {
+            copy(&sa, &mut fill, i).unwrap();
+        }
+        fill.flush().unwrap();
+        drop(fill);
+        assert_eq!(fs::read(sb.sums_path(&tree)).unwrap(), expected);
+        assert_eq!(read_all(&sb, &mcid), bytes);
+
+        // Rot in block 3 is caught whether its sum file is intact, garbage or gone; the
+        // other blocks read right in every case.
+        let (dat, sum_file) = (sb.tree_path(&tree), sb.sums_path(&tree));
+        drop(sb);
+        let f = File::options().write(true).open(&dat).unwrap();
+        f.write_all_at(b"rot", 3 * 4096 + 7).unwrap();
+        for sums in [Some(expected.clone()), Some(vec![0xa5; 24]), None] {
+            match &sums {
+                Some(s) => fs::write(&sum_file, s).unwrap(),
+                None => fs::remove_file(&sum_file).unwrap(),
+            }
+            let sb = open(b.path());
+            let err = sb.leaf(&tree, 3).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+            for i in [0, 2, 5] {
+                assert_eq!(sb.leaf(&tree, i as u64).unwrap().0, block(i));
+            }
+        }
     }
 
     #[test]

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use rusqlite::{params, OptionalExtension, TransactionBehavior, MAIN_DB};
 
+use super::sums::Sums;
 use super::writeback::Writeback;
 use super::{add_reference, io_err, lock, Store};
 use crate::bits::Bits;
@@ -49,6 +50,8 @@ pub struct TreeFill {
     leaves: u64,
     file: File,
     writeback: Writeback,
+    /// The sums of the blocks written, when the tree's sum file could be opened.
+    sums: Option<Sums>,
     /// Leaf indices held (committed or pending).
     have: Bits,
     missing: u64,
@@ -219,6 +222,8 @@ impl Store {
                 return Err(Error::io(format!("opening {}", path.display()), e));
             }
         };
+        // Before the commit, so that a reader that finds the tree also finds its sums.
+        let sums = Sums::for_fill(&self.sums_path(&tree_cid), leaves);
         if let Err(e) = tx.commit() {
             self.release(reserve);
             return Err(e.into());
@@ -234,6 +239,7 @@ impl Store {
             leaves,
             file,
             writeback: Writeback::default(),
+            sums,
             have,
             missing,
             digests,
@@ -326,6 +332,9 @@ impl TreeFill {
                 "writing block {index} of {}",
                 self.tree_cid
             )))?;
+        if let Some(sums) = &self.sums {
+            sums.record(index, data);
+        }
         self.writeback
             .wrote(&self.file, (index + 1) * self.block_size);
         self.have.set(index, true);

@@ -12,11 +12,19 @@
 //! arenas, and a 10 GiB download peaked at 151 MiB instead of 76. A map that is not kept
 //! goes back to the kernel at once. Frames to send are encoded in pooled heap buffers,
 //! which return as soon as the frame is written.
+//!
+//! A frame larger than a pooled buffer (the protocol allows 100 MiB) takes its bytes from
+//! a budget the node's streams share, [`LARGE_FRAMES`], before it is read, and gives them
+//! back when the last block sliced from it is dropped: however many peers send such
+//! frames, the node holds at most that much of them. Neither our nodes nor the reference
+//! send frames that large (at most 20 blocks per message), so only an unusual or hostile
+//! peer ever waits for it.
 
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use memmap2::MmapMut;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::store::lock;
 
@@ -31,17 +39,52 @@ const KEEP: usize = 4;
 /// (16 MiB of blocks, 13 frames), so that a steady download maps no new ones.
 const KEEP_MAPS: usize = 16;
 
-/// Reusable frame buffers. Cheap to share through an `Arc`.
-#[derive(Debug, Default)]
+/// Bytes of frames larger than [`FRAME_BUF`] a node holds at once, being read or not yet
+/// dropped: one frame of the protocol's largest size.
+pub const LARGE_FRAMES: usize = super::message::MAX_MESSAGE;
+
+/// Unit of the large-frame budget (a semaphore counts in `u32`).
+const KIB: usize = 1024;
+
+/// Reusable frame buffers, and the budget of larger frames. Cheap to share through an `Arc`.
+#[derive(Debug)]
 pub struct FramePool {
     free: Mutex<Vec<Vec<u8>>>,
     maps: Mutex<Vec<MmapMut>>,
+    /// [`LARGE_FRAMES`], in KiB.
+    large: Arc<Semaphore>,
 }
 
 impl FramePool {
     /// A new, empty pool.
     pub fn new() -> Arc<Self> {
-        Arc::default()
+        Arc::new(Self {
+            free: Mutex::default(),
+            maps: Mutex::default(),
+            large: Arc::new(Semaphore::new(LARGE_FRAMES.div_ceil(KIB))),
+        })
+    }
+
+    /// Waits until `len` bytes (at most [`LARGE_FRAMES`]) of the large-frame budget are
+    /// free and takes them, for a frame larger than [`FRAME_BUF`]; see [`FramePool::own`].
+    pub async fn reserve_large(&self, len: usize) -> LargeFrame {
+        let kib = len.min(LARGE_FRAMES).div_ceil(KIB) as u32;
+        // The semaphore is never closed, so acquiring fails only if it were.
+        let permit = Arc::clone(&self.large).acquire_many_owned(kib).await.ok();
+        LargeFrame { _permit: permit }
+    }
+
+    /// `buf` as `Bytes` that hold `budget` until the last slice of them is dropped.
+    pub fn own(buf: Vec<u8>, budget: LargeFrame) -> Bytes {
+        Bytes::from_owner(Owned {
+            buf,
+            _budget: budget,
+        })
+    }
+
+    /// Bytes of the large-frame budget not taken.
+    pub fn large_free(&self) -> usize {
+        self.large.available_permits() * KIB
     }
 
     /// An empty buffer with room for [`FRAME_BUF`] bytes.
@@ -85,6 +128,24 @@ impl FramePool {
     /// Idle buffers held: heap buffers to send from, maps to receive in.
     pub fn idle(&self) -> (usize, usize) {
         (lock(&self.free).len(), lock(&self.maps).len())
+    }
+}
+
+/// Part of the large-frame budget, held for one frame.
+#[derive(Debug)]
+pub struct LargeFrame {
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+/// A large frame's buffer as `Bytes`, holding its budget.
+struct Owned {
+    buf: Vec<u8>,
+    _budget: LargeFrame,
+}
+
+impl AsRef<[u8]> for Owned {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
     }
 }
 

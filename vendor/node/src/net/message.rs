@@ -646,14 +646,23 @@ async fn read_rest<R: AsyncRead + Unpin>(
         r.read_exact(&mut map[..len]).await?;
         return Message::decode_bytes(pool.share(map, len)).map_err(invalid);
     }
-    // Beyond FRAME_BUF the buffer grows as bytes actually arrive, so an announced length
-    // alone cannot make the node allocate more.
+    // A larger frame first takes its size from the node's large-frame budget, so that no
+    // number of peers can make the node hold more than that of them. The buffer then grows
+    // as bytes actually arrive, so an announced length alone allocates nothing more.
+    let budget = match pool {
+        Some(p) => Some(p.reserve_large(len).await),
+        None => None,
+    };
     let mut buf = Vec::with_capacity(len.min(FRAME_BUF));
     r.take(len as u64).read_to_end(&mut buf).await?;
     if buf.len() < len {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    Message::decode_bytes(Bytes::from(buf)).map_err(invalid)
+    let bytes = match budget {
+        Some(b) => FramePool::own(buf, b),
+        None => Bytes::from(buf),
+    };
+    Message::decode_bytes(bytes).map_err(invalid)
 }
 
 /// Writes `msg` to `w` as one frame and flushes.
@@ -1188,6 +1197,76 @@ mod tests {
         assert_eq!(pool.idle(), (1, 0), "a block still holds the frame");
         drop(data);
         assert_eq!(pool.idle(), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn large_frames_share_one_budget_that_their_blocks_hold() {
+        use super::super::frames::LARGE_FRAMES;
+        let pool = FramePool::new();
+        let big = vec![9u8; FRAME_BUF + 100_000];
+        let msg = Message {
+            deliveries: vec![Delivery {
+                cid: block(&big),
+                data: Bytes::from(big.clone()),
+                address: BlockAddress::Cid(block(&big)),
+                proof: None,
+            }],
+            ..Message::default()
+        };
+        let large = frame(&msg);
+        let limit = std::time::Duration::from_secs(5);
+        let got = read_message_within(
+            &mut futures::io::Cursor::new(&large),
+            MAX_MESSAGE,
+            limit,
+            &pool,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(got, msg);
+        // The frame's bytes stay taken while any block of it lives.
+        let data = got.deliveries[0].data.clone();
+        drop(got);
+        let taken = LARGE_FRAMES - pool.large_free();
+        assert!((big.len()..big.len() + 4096).contains(&taken), "{taken}");
+        drop(data);
+        assert_eq!(pool.large_free(), LARGE_FRAMES);
+
+        // With the budget taken elsewhere, a large frame waits (here past its time limit)
+        // instead of being read into more memory.
+        let hog = pool.reserve_large(LARGE_FRAMES).await;
+        let short = std::time::Duration::from_millis(200);
+        let err = read_message_within(
+            &mut futures::io::Cursor::new(&large),
+            MAX_MESSAGE,
+            short,
+            &pool,
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        // Frames that fit a pooled buffer do not use the budget.
+        let small = frame(&sample());
+        let got = read_message_within(
+            &mut futures::io::Cursor::new(&small),
+            MAX_MESSAGE,
+            short,
+            &pool,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, Some(sample()));
+        drop(hog);
+        let got = read_message_within(
+            &mut futures::io::Cursor::new(&large),
+            MAX_MESSAGE,
+            limit,
+            &pool,
+        )
+        .await
+        .unwrap();
+        assert_eq!(got, Some(msg));
     }
 
     /// A reader that hands out at most one byte per poll.

@@ -443,12 +443,19 @@ fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
-/// mplex as the reference speaks it, sized for block transfers: large buffers that apply
+/// mplex as the reference speaks it, sized for block transfers: buffers that apply
 /// backpressure instead of resetting streams.
+///
+/// mplex has no flow control of its own: what a peer sends on a substream nobody is reading
+/// yet waits in that substream's buffer, up to `max_buffer_size` frames of up to 1 MiB each,
+/// before the connection stops being read. 32 frames hold 2 MiB of our 64 KiB frames (the
+/// block exchange reads its stream promptly, so more bought no speed in 1 GiB transfers)
+/// and bound a hostile sender to 32 MiB per substream. A connection needs a handful of
+/// substreams (block exchange both ways, identify, relay); 64 leaves room to spare.
 fn mplex_config() -> libp2p_mplex::Config {
     let mut cfg = libp2p_mplex::Config::new();
-    cfg.set_max_num_streams(256)
-        .set_max_buffer_size(256)
+    cfg.set_max_num_streams(64)
+        .set_max_buffer_size(32)
         .set_max_buffer_behaviour(libp2p_mplex::MaxBufferBehaviour::Block)
         .set_split_send_size(64 * 1024);
     cfg

@@ -1262,6 +1262,21 @@ fn migrate(conn: &mut Connection) -> Result<()> {
     Ok(())
 }
 
+/// Opens the file at `path` for reading and writing, creating it if needed, and grows it
+/// (sparse) to at least `size` bytes without touching what it holds.
+fn open_at_least(path: &Path, size: u64) -> std::io::Result<File> {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    if f.metadata()?.len() < size {
+        f.set_len(size)?;
+    }
+    Ok(f)
+}
+
 fn unique_suffix() -> String {
     static N: AtomicU64 = AtomicU64::new(0);
     let nanos = SystemTime::now()

@@ -202,20 +202,7 @@ impl Store {
         let missing = leaves - have.count();
         let reserve = missing * block_size + added;
         self.reserve(reserve)?;
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .and_then(|f| {
-                let size = leaves * block_size;
-                if f.metadata()?.len() < size {
-                    f.set_len(size)?;
-                }
-                Ok(f)
-            });
-        let file = match file {
+        let file = match super::open_at_least(&path, leaves * block_size) {
             Ok(f) => f,
             Err(e) => {
                 self.release(reserve);

@@ -44,19 +44,7 @@ impl Sums {
     /// Opens or creates the sum file at `path` for a tree being filled block by block.
     /// `None` when it cannot: the fill goes on without sums.
     pub(crate) fn for_fill(path: &Path, leaves: u64) -> Option<Self> {
-        let file = File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-            .and_then(|f| {
-                if f.metadata()?.len() < leaves * SUM_BYTES {
-                    f.set_len(leaves * SUM_BYTES)?;
-                }
-                Ok(f)
-            });
-        match file {
+        match super::open_at_least(path, leaves * SUM_BYTES) {
             Ok(file) => Some(Self { file }),
             Err(e) => {
                 tracing::debug!(path = %path.display(), error = %e, "no block sums for this fill");

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior, MAIN_DB};
 use sha2::{Digest, Sha256};
 
@@ -174,6 +174,61 @@ struct TreeEntry {
     file: File,
     /// The tree's block sums, when it has a sum file.
     sums: Option<Sums>,
+}
+
+/// A block of a tree found in the store and not read yet: see [`Store::leaf_ref`].
+#[derive(Debug)]
+pub struct LeafRef {
+    tree_cid: Cid,
+    entry: Arc<TreeEntry>,
+    index: u64,
+    leaf: Digest32,
+    /// The block's inclusion proof in its tree.
+    pub proof: Proof,
+}
+
+impl LeafRef {
+    /// The block's CID.
+    pub fn cid(&self) -> Cid {
+        Cid::from_digest(CidKind::Block, self.leaf)
+    }
+
+    /// The block's size in bytes.
+    pub fn size(&self) -> usize {
+        self.entry.block_size as usize
+    }
+}
+
+/// Appends `len` bytes of `file` at `offset` to `out`, read straight into its spare
+/// capacity: a block served to a peer goes from the page cache into the frame that carries
+/// it, not zeroed first and copied after. `out` is left as it was on an error.
+fn append_at(file: &File, offset: u64, len: usize, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    out.reserve(len);
+    let start = out.len();
+    let mut done = 0;
+    while done < len {
+        let spare = &mut out.spare_capacity_mut()[done..len];
+        let at = libc::off_t::try_from(offset + done as u64)
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        // SAFETY: `spare` is memory `out` owns, valid for `spare.len()` bytes of writes;
+        // pread writes at most that many into it and nothing reads it before `set_len`.
+        let n =
+            unsafe { libc::pread(file.as_raw_fd(), spare.as_mut_ptr().cast(), spare.len(), at) };
+        match n {
+            0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            n if n > 0 => done += n as usize,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    // SAFETY: pread initialised the `len` bytes after `start`, within the reserved capacity.
+    unsafe { out.set_len(start + len) };
+    Ok(())
 }
 
 fn now_secs() -> i64 {
@@ -690,29 +745,49 @@ impl Store {
         index: u64,
         leaf: &Digest32,
     ) -> Result<Bytes> {
-        let mut buf = BytesMut::zeroed(entry.block_size as usize);
-        entry
-            .file
-            .read_exact_at(&mut buf, index * entry.block_size)
-            .map_err(io_err(format!("reading block {index} of tree {tree_cid}")))?;
-        if entry.sums.as_ref().is_some_and(|s| s.intact(index, &buf)) {
-            return Ok(buf.freeze());
+        let mut buf = Vec::new();
+        self.append_verified(tree_cid, entry, index, leaf, &mut buf)?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// [`Store::read_verified`], appending the block to `out`, which is left as it was
+    /// when the block cannot be read or fails its check.
+    fn append_verified(
+        &self,
+        tree_cid: &Cid,
+        entry: &TreeEntry,
+        index: u64,
+        leaf: &Digest32,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        let start = out.len();
+        append_at(
+            &entry.file,
+            index * entry.block_size,
+            entry.block_size as usize,
+            out,
+        )
+        .map_err(io_err(format!("reading block {index} of tree {tree_cid}")))?;
+        let block = &out[start..];
+        if entry.sums.as_ref().is_some_and(|s| s.intact(index, block)) {
+            return Ok(());
         }
-        let digest: Digest32 = Sha256::digest(&buf).into();
-        if &digest != leaf {
-            let cid = Cid::from_digest(CidKind::Block, *leaf);
-            if !self.has_block(&cid)? {
-                return Err(Error::NotFound(format!(
-                    "block {cid} (index {index} of {tree_cid})"
-                )));
-            }
-            tracing::error!(%cid, index, tree = %tree_cid, "stored block fails verification");
-            return Err(Error::Corrupt {
-                cid: cid.to_string(),
-                detail: format!("block {index} of tree {tree_cid} does not match its leaf"),
-            });
+        let digest: Digest32 = Sha256::digest(block).into();
+        if &digest == leaf {
+            return Ok(());
         }
-        Ok(buf.freeze())
+        out.truncate(start);
+        let cid = Cid::from_digest(CidKind::Block, *leaf);
+        if !self.has_block(&cid)? {
+            return Err(Error::NotFound(format!(
+                "block {cid} (index {index} of {tree_cid})"
+            )));
+        }
+        tracing::error!(%cid, index, tree = %tree_cid, "stored block fails verification");
+        Err(Error::Corrupt {
+            cid: cid.to_string(),
+            detail: format!("block {index} of tree {tree_cid} does not match its leaf"),
+        })
     }
 
     /// Returns a stored block by CID, verified.
@@ -760,6 +835,16 @@ impl Store {
 
     /// [`Store::leaf`] with the block's CID (known from its leaf, so not hashed again).
     pub fn leaf_block(&self, tree_cid: &Cid, index: u64) -> Result<(Cid, Bytes, Proof)> {
+        let leaf = self.leaf_ref(tree_cid, index)?;
+        let mut data = Vec::new();
+        self.read_leaf_into(&leaf, &mut data)?;
+        Ok((leaf.cid(), Bytes::from(data), leaf.proof))
+    }
+
+    /// Where block `index` of a tree is held, its CID and its proof: what the block
+    /// exchange writes around the block, known before the block is read
+    /// ([`Store::read_leaf_into`]).
+    pub fn leaf_ref(&self, tree_cid: &Cid, index: u64) -> Result<LeafRef> {
         if tree_cid.kind() != CidKind::Tree {
             return Err(Error::Invalid(format!("{tree_cid} is not a tree CID")));
         }
@@ -779,8 +864,19 @@ impl Store {
                 (leaf, Proof::decode(&proof)?)
             }
         };
-        let data = self.read_verified(tree_cid, &entry, index, &leaf)?;
-        Ok((Cid::from_digest(CidKind::Block, leaf), data, proof))
+        Ok(LeafRef {
+            tree_cid: *tree_cid,
+            entry,
+            index,
+            leaf,
+            proof,
+        })
+    }
+
+    /// Appends the block `leaf` refers to to `out`, verified; `out` is left as it was when
+    /// the block cannot be read or fails its check.
+    pub fn read_leaf_into(&self, leaf: &LeafRef, out: &mut Vec<u8>) -> Result<()> {
+        self.append_verified(&leaf.tree_cid, &leaf.entry, leaf.index, &leaf.leaf, out)
     }
 
     /// The manifest of a dataset.
@@ -2179,6 +2275,17 @@ mod fill_tests {
             for i in [0, 2, 5] {
                 assert_eq!(sb.leaf(&tree, i as u64).unwrap().0, block(i));
             }
+            // Read into a buffer (as into a frame), a rotten block leaves it as it was.
+            let mut out = b"head".to_vec();
+            let rotten = sb.leaf_ref(&tree, 3).unwrap();
+            assert_eq!(rotten.size(), 4096);
+            let err = sb.read_leaf_into(&rotten, &mut out).unwrap_err();
+            assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+            assert_eq!(out, b"head");
+            sb.read_leaf_into(&sb.leaf_ref(&tree, 2).unwrap(), &mut out)
+                .unwrap();
+            assert_eq!(&out[..4], b"head");
+            assert_eq!(&out[4..], block(2));
         }
     }
 

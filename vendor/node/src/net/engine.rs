@@ -18,13 +18,13 @@ use tokio_util::sync::CancellationToken;
 use super::frames::FramePool;
 use super::host::{Host, PeerEvent};
 use super::message::{
-    frame_into, read_message_within, write_frame, BlockAddress, Delivery, Entry, Message, Presence,
-    WantType, MAX_MESSAGE,
+    read_message_within, write_frame, BlockAddress, Delivery, DeliveryFrame, Entry, Frame, Message,
+    Presence, WantType, MAX_MESSAGE,
 };
 use super::serving::{Charge, ServeBudget};
 use crate::cid::Cid;
 use crate::error::Error;
-use crate::store::{lock, Store};
+use crate::store::{lock, LeafRef, Store};
 
 /// The block exchange protocol.
 pub const BLOCKEXC: StreamProtocol = StreamProtocol::new("/codex/blockexc/1.0.0");
@@ -91,9 +91,10 @@ struct Peer {
     unrequested: u32,
 }
 
-/// A message for a peer, with the serving budget its blocks hold until it is written.
+/// A message for a peer, encoded, with the serving budget its blocks hold until it is
+/// written.
 struct Outbound {
-    msg: Message,
+    frame: Frame,
     _charge: Option<Charge>,
 }
 
@@ -241,7 +242,20 @@ impl Engine {
     /// Queues `msg` for `peer`. Returns false when the peer is gone or its queue is full.
     pub fn send(&self, peer: &PeerId, msg: Message) -> bool {
         let out = lock(&self.shared.peers).get(peer).map(|p| p.out.clone());
-        out.is_some_and(|o| o.try_send(Outbound { msg, _charge: None }).is_ok())
+        let Some(out) = out else { return false };
+        let frame = match Frame::encode(&msg, self.shared.frames.get()) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot send a block exchange message");
+                return false;
+            }
+        };
+        out.try_send(Outbound {
+            frame,
+            _charge: None,
+        })
+        .map_err(|e| self.shared.frames.put(e.into_inner().frame.into_buf()))
+        .is_ok()
     }
 
     /// Drops a peer that sent bad data: disconnects it and refuses it for a while.
@@ -404,14 +418,7 @@ impl Engine {
         let mut control = self.shared.host.control();
         let mut stream: Option<libp2p::Stream> = None;
         // The message's serving budget is given back when `_charge` drops after this turn.
-        while let Some(Outbound { msg, _charge }) = rx.recv().await {
-            let mut frame = self.shared.frames.get();
-            if let Err(e) = frame_into(&msg, &mut frame) {
-                tracing::warn!(%peer, error = %e, "cannot send a block exchange message");
-                continue;
-            }
-            // The blocks live on in the frame alone; their budget stays held until it is sent.
-            drop(msg);
+        while let Some(Outbound { frame, _charge }) = rx.recv().await {
             for attempt in 0..2 {
                 if stream.is_none() {
                     match control.open_stream(peer, BLOCKEXC).await {
@@ -423,7 +430,7 @@ impl Engine {
                     }
                 }
                 let Some(s) = stream.as_mut() else { continue };
-                let written = tokio::time::timeout(WRITE_TIME, write_frame(s, &frame))
+                let written = tokio::time::timeout(WRITE_TIME, write_frame(s, frame.bytes()))
                     .await
                     .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
                 match written {
@@ -434,7 +441,7 @@ impl Engine {
                     }
                 }
             }
-            self.shared.frames.put(frame);
+            self.shared.frames.put(frame.into_buf());
         }
     }
 
@@ -465,6 +472,7 @@ impl Engine {
                     peer,
                     out: &out,
                     budget: &engine.shared.serving,
+                    frames: &engine.shared.frames,
                     alive: &|| engine.serving(&peer),
                 };
                 answer(&engine.shared.store, entries, &to)
@@ -516,25 +524,76 @@ struct Recipient<'a> {
     peer: PeerId,
     out: &'a mpsc::Sender<Outbound>,
     budget: &'a Arc<ServeBudget>,
+    frames: &'a FramePool,
     /// Whether the peer is still worth serving.
     alive: &'a dyn Fn() -> bool,
 }
 
 impl Recipient<'_> {
-    /// Queues `msg` with the budget its blocks hold; false once the peer is gone.
-    fn send(&self, msg: &mut Message, charge: &mut Option<Charge>) -> bool {
-        self.out
-            .blocking_send(Outbound {
-                msg: std::mem::take(msg),
-                _charge: charge.take(),
-            })
-            .is_ok()
+    /// An empty message in a pooled buffer.
+    fn frame(&self) -> DeliveryFrame {
+        DeliveryFrame::new(self.frames.get())
+    }
+
+    /// Queues `frame` with the budget its blocks hold and starts the next one; false once
+    /// the peer is gone.
+    fn send(&self, frame: &mut DeliveryFrame, charge: &mut Option<Charge>) -> bool {
+        let full = std::mem::replace(frame, self.frame());
+        match full.finish() {
+            Ok(frame) => self
+                .out
+                .blocking_send(Outbound {
+                    frame,
+                    _charge: charge.take(),
+                })
+                .is_ok(),
+            // Not with blocks of the sizes stores hold: DELIVERY_BYTES keeps well within.
+            Err(e) => {
+                tracing::warn!(peer = %self.peer, error = %e, "cannot send a block exchange message");
+                *charge = None;
+                true
+            }
+        }
+    }
+
+    /// Takes `size` bytes of the serving budget; when they do not fit, what `frame` holds
+    /// goes out first and the read waits. `None` once the peer is gone.
+    fn take(
+        &self,
+        size: u64,
+        frame: &mut DeliveryFrame,
+        charge: &mut Option<Charge>,
+    ) -> Option<Charge> {
+        if let Some(c) = self.budget.try_take(self.peer, size) {
+            return Some(c);
+        }
+        // Blocks in hand would wait outside the budget: send them first.
+        if !frame.is_empty() && !self.send(frame, charge) {
+            return None;
+        }
+        self.budget.take(self.peer, size, self.alive)
     }
 }
 
-/// Answers one want list: presences for WantHave, blocks for WantBlock. Every block read
-/// takes its size from the serving budget until its message is written; when the budget is
-/// spent, what is ready goes out first and the next read waits. Returns false once the
+/// A block found for a want, not read yet when it is a tree's.
+enum Found {
+    Leaf(LeafRef),
+    Whole(Delivery),
+}
+
+impl Found {
+    fn size(&self) -> u64 {
+        match self {
+            Found::Leaf(r) => r.size() as u64,
+            Found::Whole(d) => d.data.len() as u64,
+        }
+    }
+}
+
+/// Answers one want list: presences for WantHave, blocks for WantBlock. Every block takes
+/// its size from the serving budget before it is read, until its message is written; when
+/// the budget is spent, what is ready goes out first and the next read waits. Blocks of
+/// trees are read from the store straight into the message's frame. Returns false once the
 /// peer is gone or the node stops.
 fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
     // Entries cancelled later in the same list are not answered.
@@ -543,9 +602,8 @@ fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
         .filter(|e| e.cancel)
         .map(|e| e.address)
         .collect();
-    let mut msg = Message::default();
+    let mut frame = to.frame();
     let mut charge: Option<Charge> = None;
-    let mut bytes = 0;
     for e in entries.into_iter().filter(|e| !e.cancel) {
         if cancelled.contains(&e.address) {
             continue;
@@ -554,53 +612,63 @@ fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
             WantType::Have => {
                 let have = holds(store, &e.address);
                 if have || e.send_dont_have {
-                    msg.presences.push(Presence {
+                    frame.presence(Presence {
                         address: e.address,
                         have,
                     });
                 }
             }
-            WantType::Block => match read(store, &e.address) {
-                Some(d) => {
-                    let size = d.data.len() as u64;
-                    let taken = match to.budget.try_take(to.peer, size) {
-                        Some(c) => c,
-                        None => {
-                            // Blocks in hand would wait outside the budget: send them first.
-                            if !msg.is_empty() {
-                                if !to.send(&mut msg, &mut charge) {
-                                    return false;
-                                }
-                                bytes = 0;
+            WantType::Block => {
+                let sent = match find(store, &e.address) {
+                    Some(found) => {
+                        let Some(taken) = to.take(found.size(), &mut frame, &mut charge) else {
+                            return false;
+                        };
+                        let read = match found {
+                            Found::Whole(d) => {
+                                frame.push(&d);
+                                Ok(())
                             }
-                            match to.budget.take(to.peer, size, to.alive) {
-                                Some(c) => c,
-                                None => return false,
+                            Found::Leaf(r) => {
+                                frame.push_with(&r.cid(), &e.address, &r.proof, r.size(), |buf| {
+                                    store.read_leaf_into(&r, buf)
+                                })
+                            }
+                        };
+                        match read {
+                            Ok(()) => {
+                                match &mut charge {
+                                    Some(c) => c.absorb(taken),
+                                    None => charge = Some(taken),
+                                }
+                                true
+                            }
+                            Err(err) => {
+                                unreadable(&e.address, &err);
+                                false
                             }
                         }
-                    };
-                    match &mut charge {
-                        Some(c) => c.absorb(taken),
-                        None => charge = Some(taken),
                     }
-                    bytes += d.data.len();
-                    msg.deliveries.push(d);
+                    None => false,
+                };
+                if !sent && e.send_dont_have {
+                    frame.presence(Presence {
+                        address: e.address,
+                        have: false,
+                    });
                 }
-                None if e.send_dont_have => msg.presences.push(Presence {
-                    address: e.address,
-                    have: false,
-                }),
-                None => {}
-            },
-        }
-        if msg.deliveries.len() >= DELIVERY_BLOCKS || bytes >= DELIVERY_BYTES {
-            if !to.send(&mut msg, &mut charge) {
-                return false;
             }
-            bytes = 0;
+        }
+        let full = frame.blocks() >= DELIVERY_BLOCKS || frame.data_bytes() >= DELIVERY_BYTES;
+        if full && !to.send(&mut frame, &mut charge) {
+            return false;
         }
     }
-    msg.is_empty() || to.send(&mut msg, &mut charge)
+    if frame.is_empty() {
+        to.frames.put(frame.into_buf());
+        return true;
+    }
+    to.send(&mut frame, &mut charge)
 }
 
 fn holds(store: &Store, address: &BlockAddress) -> bool {
@@ -610,32 +678,27 @@ fn holds(store: &Store, address: &BlockAddress) -> bool {
     }
 }
 
-fn read(store: &Store, address: &BlockAddress) -> Option<Delivery> {
-    let r = match address {
-        BlockAddress::Cid(cid) => store.block(cid).map(|data| Delivery {
-            cid: *cid,
-            data,
-            address: *address,
-            proof: None,
+/// The block at `address`, if it is held: a tree's block located, a block by CID read.
+fn find(store: &Store, address: &BlockAddress) -> Option<Found> {
+    let found = match address {
+        BlockAddress::Cid(cid) => store.block(cid).map(|data| {
+            Found::Whole(Delivery {
+                cid: *cid,
+                data,
+                address: *address,
+                proof: None,
+            })
         }),
-        BlockAddress::Leaf { tree, index } => {
-            store
-                .leaf_block(tree, *index)
-                .map(|(cid, data, proof)| Delivery {
-                    cid,
-                    data,
-                    address: *address,
-                    proof: Some(proof),
-                })
-        }
+        BlockAddress::Leaf { tree, index } => store.leaf_ref(tree, *index).map(Found::Leaf),
     };
-    match r {
-        Ok(d) => Some(d),
+    found.map_err(|e| unreadable(address, &e)).ok()
+}
+
+/// Logs why a block cannot be served, unless it is simply not held.
+fn unreadable(address: &BlockAddress, e: &Error) {
+    match e {
         // Not held, or an address that cannot exist (the peer's mistake, not ours).
-        Err(Error::NotFound(_) | Error::Invalid(_)) => None,
-        Err(e) => {
-            tracing::warn!(?address, error = %e, "cannot serve block");
-            None
-        }
+        Error::NotFound(_) | Error::Invalid(_) => {}
+        e => tracing::warn!(?address, error = %e, "cannot serve block"),
     }
 }

@@ -10,8 +10,9 @@
 //! dropped, which can be much later and in any order. These buffers are anonymous memory
 //! maps, not heap memory: from the heap, buffers freed in that order fragmented glibc's
 //! arenas, and a 10 GiB download peaked at 151 MiB instead of 76. A map that is not kept
-//! goes back to the kernel at once. Frames to send are encoded in pooled heap buffers,
-//! which return as soon as the frame is written.
+//! goes back to the kernel at once. Frames to send are built in pooled heap buffers (a
+//! served block is read from the store straight into its frame), which return as soon as
+//! the frame is written.
 //!
 //! A frame larger than a pooled buffer (the protocol allows 100 MiB) takes its bytes from
 //! a budget the node's streams share, [`LARGE_FRAMES`], before it is read, and gives them

@@ -690,6 +690,164 @@ pub fn frame_into(msg: &Message, buf: &mut Vec<u8>) -> io::Result<()> {
     Ok(())
 }
 
+/// Bytes kept in front of a [`DeliveryFrame`] for the message's length, written last: the
+/// longest varint of a length within [`MAX_MESSAGE`].
+const LEN_ROOM: usize = 4;
+const _: () = assert!(MAX_MESSAGE < 1 << (7 * LEN_ROOM));
+
+/// An encoded frame, ready to write: the bytes of [`Frame::bytes`].
+#[derive(Debug)]
+pub struct Frame {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl Frame {
+    /// The frame of `msg`, encoded into `buf` (whose contents are dropped).
+    pub fn encode(msg: &Message, mut buf: Vec<u8>) -> io::Result<Self> {
+        frame_into(msg, &mut buf)?;
+        Ok(Self { buf, start: 0 })
+    }
+
+    /// The frame's bytes: the message's length as a varint, then the message.
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+
+    /// The buffer, to reuse.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
+/// A message of deliveries and presences, encoded as it is built, so that each block can be
+/// read from the store straight into its place ([`DeliveryFrame::push_with`]). The frame
+/// is byte for byte the [`frame`] of the same [`Message`].
+#[derive(Debug)]
+pub struct DeliveryFrame {
+    buf: Vec<u8>,
+    /// Written after the deliveries, in the field order of [`Message::encode`].
+    presences: Vec<Presence>,
+    blocks: usize,
+    data: usize,
+}
+
+impl DeliveryFrame {
+    /// An empty message, to be encoded into `buf` (whose contents are dropped).
+    pub fn new(mut buf: Vec<u8>) -> Self {
+        buf.clear();
+        buf.resize(LEN_ROOM, 0);
+        let wants = WantList::default();
+        put_header(&mut buf, 1, wants.encoded_len());
+        wants.encode_into(&mut buf);
+        Self {
+            buf,
+            presences: Vec::new(),
+            blocks: 0,
+            data: 0,
+        }
+    }
+
+    /// Whether nothing was added.
+    pub fn is_empty(&self) -> bool {
+        self.blocks == 0 && self.presences.is_empty()
+    }
+
+    /// Deliveries added.
+    pub fn blocks(&self) -> usize {
+        self.blocks
+    }
+
+    /// Bytes of block data added.
+    pub fn data_bytes(&self) -> usize {
+        self.data
+    }
+
+    /// Adds a delivery whose block is in hand.
+    pub fn push(&mut self, delivery: &Delivery) {
+        delivery.encode_into(&mut self.buf, 3);
+        self.blocks += 1;
+        self.data += delivery.data.len();
+    }
+
+    /// Adds a delivery of `len` bytes of block `cid` at `address` (with `proof` for a leaf
+    /// address), whose bytes `fill` appends to the buffer it is handed. When `fill` fails,
+    /// or appends other than `len` bytes, the delivery is left out.
+    pub fn push_with<E>(
+        &mut self,
+        cid: &Cid,
+        address: &BlockAddress,
+        proof: &Proof,
+        len: usize,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mark = self.buf.len();
+        let cid = cid.to_bytes();
+        let proof = matches!(address, BlockAddress::Leaf { .. }).then(|| proof.encode());
+        let content = bytes_len(cid.len())
+            + bytes_len(len)
+            + bytes_len(address.encoded_len())
+            + proof.as_ref().map_or(0, |p| bytes_len(p.len()));
+        self.buf.reserve(bytes_len(content));
+        put_header(&mut self.buf, 3, content);
+        pb::put_bytes(&mut self.buf, 1, &cid);
+        put_header(&mut self.buf, 2, len);
+        let data = self.buf.len();
+        if let Err(e) = fill(&mut self.buf) {
+            self.buf.truncate(mark);
+            return Err(e);
+        }
+        if self.buf.len() != data + len {
+            debug_assert!(
+                false,
+                "fill appended {} bytes, not {len}",
+                self.buf.len() - data
+            );
+            self.buf.truncate(mark);
+            return Ok(());
+        }
+        put_header(&mut self.buf, 3, address.encoded_len());
+        address.encode_into(&mut self.buf);
+        if let Some(p) = proof {
+            pb::put_bytes(&mut self.buf, 4, &p);
+        }
+        self.blocks += 1;
+        self.data += len;
+        Ok(())
+    }
+
+    /// Adds a presence.
+    pub fn presence(&mut self, presence: Presence) {
+        self.presences.push(presence);
+    }
+
+    /// The finished frame; an error when the message exceeds [`MAX_MESSAGE`].
+    pub fn finish(mut self) -> io::Result<Frame> {
+        for p in &self.presences {
+            put_header(&mut self.buf, 4, p.encoded_len());
+            p.encode_into(&mut self.buf);
+        }
+        self.buf.extend_from_slice(&TRAILER);
+        let len = self.buf.len() - LEN_ROOM;
+        if len > MAX_MESSAGE {
+            return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
+        }
+        let mut head = Vec::with_capacity(LEN_ROOM);
+        pb::put_varint(&mut head, len as u64);
+        let start = LEN_ROOM - head.len();
+        self.buf[start..LEN_ROOM].copy_from_slice(&head);
+        Ok(Frame {
+            buf: self.buf,
+            start,
+        })
+    }
+
+    /// The buffer, to reuse, when the message is not sent.
+    pub fn into_buf(self) -> Vec<u8> {
+        self.buf
+    }
+}
+
 /// Writes an encoded frame (from [`frame_into`]) to `w` and flushes.
 ///
 /// # Cancel safety
@@ -998,6 +1156,66 @@ mod tests {
         let mut m = Vec::new();
         pb::put_bytes(&mut m, 3, &d);
         assert_eq!(Message::decode(&m).unwrap(), without);
+    }
+
+    #[test]
+    fn delivery_frames_match_whole_message_frames() {
+        let mut msg = sample();
+        msg.wantlist = WantList::default();
+        let (_, tree) = dataset();
+        let mut built = DeliveryFrame::new(vec![9; 16]);
+        for (i, d) in msg.deliveries.iter().enumerate() {
+            if i % 2 == 1 {
+                built.push(d);
+                continue;
+            }
+            // A proof is written for a leaf address only, as `Delivery::encode` does.
+            let proof = d.proof.clone().unwrap_or_else(|| tree.proof(0).unwrap());
+            built
+                .push_with(&d.cid, &d.address, &proof, d.data.len(), |buf| {
+                    buf.extend_from_slice(&d.data);
+                    Ok::<(), ()>(())
+                })
+                .unwrap();
+            // A block that cannot be read leaves no trace.
+            let failed = built.push_with(&d.cid, &d.address, &proof, 3, |buf| {
+                buf.extend_from_slice(b"ab");
+                Err("unreadable")
+            });
+            assert_eq!(failed, Err("unreadable"));
+        }
+        for p in &msg.presences {
+            built.presence(p.clone());
+        }
+        assert_eq!(built.blocks(), msg.deliveries.len());
+        let data: usize = msg.deliveries.iter().map(|d| d.data.len()).sum();
+        assert_eq!(built.data_bytes(), data);
+        assert_eq!(built.finish().unwrap().bytes(), frame(&msg).as_slice());
+
+        // An empty one is the empty message; a 300-byte block needs a two-byte length.
+        let empty = DeliveryFrame::new(Vec::new());
+        assert!(empty.is_empty());
+        assert_eq!(
+            empty.finish().unwrap().bytes(),
+            frame(&Message::default()).as_slice()
+        );
+        let mut one = DeliveryFrame::new(Vec::new());
+        let big = vec![1u8; 300];
+        let d = Delivery {
+            cid: block(&big),
+            data: Bytes::from(big),
+            address: BlockAddress::Leaf {
+                tree: tree.cid(),
+                index: 1,
+            },
+            proof: Some(tree.proof(1).unwrap()),
+        };
+        one.push(&d);
+        let whole = Message {
+            deliveries: vec![d],
+            ..Message::default()
+        };
+        assert_eq!(one.finish().unwrap().bytes(), frame(&whole).as_slice());
     }
 
     #[test]

@@ -243,7 +243,9 @@ impl Engine {
     pub fn send(&self, peer: &PeerId, msg: Message) -> bool {
         let out = lock(&self.shared.peers).get(peer).map(|p| p.out.clone());
         let Some(out) = out else { return false };
-        let frame = match Frame::encode(&msg, self.shared.frames.get()) {
+        // Want lists and presences are small: a buffer of their own size, not a pooled one
+        // sized for blocks, which the queue would hold as long as the message waits.
+        let frame = match Frame::encode(&msg, Vec::new()) {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(%peer, error = %e, "cannot send a block exchange message");
@@ -254,7 +256,6 @@ impl Engine {
             frame,
             _charge: None,
         })
-        .map_err(|e| self.shared.frames.put(e.into_inner().frame.into_buf()))
         .is_ok()
     }
 

@@ -536,11 +536,9 @@ impl Recipient<'_> {
         DeliveryFrame::new(self.frames.get())
     }
 
-    /// Queues `frame` with the budget its blocks hold and starts the next one; false once
-    /// the peer is gone.
-    fn send(&self, frame: &mut DeliveryFrame, charge: &mut Option<Charge>) -> bool {
-        let full = std::mem::replace(frame, self.frame());
-        match full.finish() {
+    /// Queues `frame` with the budget its blocks hold; false once the peer is gone.
+    fn send(&self, frame: DeliveryFrame, charge: &mut Option<Charge>) -> bool {
+        match frame.finish() {
             Ok(frame) => self
                 .out
                 .blocking_send(Outbound {
@@ -557,6 +555,12 @@ impl Recipient<'_> {
         }
     }
 
+    /// [`Recipient::send`]s what `frame` holds and starts it afresh.
+    fn flush(&self, frame: &mut DeliveryFrame, charge: &mut Option<Charge>) -> bool {
+        let full = std::mem::replace(frame, self.frame());
+        self.send(full, charge)
+    }
+
     /// Takes `size` bytes of the serving budget; when they do not fit, what `frame` holds
     /// goes out first and the read waits. `None` once the peer is gone.
     fn take(
@@ -569,7 +573,7 @@ impl Recipient<'_> {
             return Some(c);
         }
         // Blocks in hand would wait outside the budget: send them first.
-        if !frame.is_empty() && !self.send(frame, charge) {
+        if !frame.is_empty() && !self.flush(frame, charge) {
             return None;
         }
         self.budget.take(self.peer, size, self.alive)
@@ -620,37 +624,8 @@ fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
                 }
             }
             WantType::Block => {
-                let sent = match find(store, &e.address) {
-                    Some(found) => {
-                        let Some(taken) = to.take(found.size(), &mut frame, &mut charge) else {
-                            return false;
-                        };
-                        let read = match found {
-                            Found::Whole(d) => {
-                                frame.push(&d);
-                                Ok(())
-                            }
-                            Found::Leaf(r) => {
-                                frame.push_with(&r.cid(), &e.address, &r.proof, r.size(), |buf| {
-                                    store.read_leaf_into(&r, buf)
-                                })
-                            }
-                        };
-                        match read {
-                            Ok(()) => {
-                                match &mut charge {
-                                    Some(c) => c.absorb(taken),
-                                    None => charge = Some(taken),
-                                }
-                                true
-                            }
-                            Err(err) => {
-                                unreadable(&e.address, &err);
-                                false
-                            }
-                        }
-                    }
-                    None => false,
+                let Some(sent) = deliver(store, &e.address, &mut frame, &mut charge, to) else {
+                    return false;
                 };
                 if !sent && e.send_dont_have {
                     frame.presence(Presence {
@@ -661,7 +636,7 @@ fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
             }
         }
         let full = frame.blocks() >= DELIVERY_BLOCKS || frame.data_bytes() >= DELIVERY_BYTES;
-        if full && !to.send(&mut frame, &mut charge) {
+        if full && !to.flush(&mut frame, &mut charge) {
             return false;
         }
     }
@@ -669,7 +644,40 @@ fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
         to.frames.put(frame.into_buf());
         return true;
     }
-    to.send(&mut frame, &mut charge)
+    to.send(frame, &mut charge)
+}
+
+/// Adds the block at `address` to `frame` if it is held and reads right, its budget joined
+/// to `charge`: whether it was added, `None` once the peer is gone.
+fn deliver(
+    store: &Store,
+    address: &BlockAddress,
+    frame: &mut DeliveryFrame,
+    charge: &mut Option<Charge>,
+    to: &Recipient<'_>,
+) -> Option<bool> {
+    let Some(found) = find(store, address) else {
+        return Some(false);
+    };
+    let taken = to.take(found.size(), frame, charge)?;
+    let read = match found {
+        Found::Whole(d) => {
+            frame.push(&d);
+            Ok(())
+        }
+        Found::Leaf(r) => frame.push_with(&r.cid(), address, &r.proof, r.size(), |buf| {
+            store.read_leaf_into(&r, buf)
+        }),
+    };
+    if let Err(e) = read {
+        unreadable(address, &e);
+        return Some(false);
+    }
+    match charge {
+        Some(c) => c.absorb(taken),
+        None => *charge = Some(taken),
+    }
+    Some(true)
 }
 
 fn holds(store: &Store, address: &BlockAddress) -> bool {

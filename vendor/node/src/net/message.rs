@@ -338,27 +338,24 @@ impl Delivery {
         }
     }
 
-    fn encoded_len_with(&self, proof: Option<&[u8]>) -> usize {
-        bytes_len(self.cid.to_bytes().len())
-            + bytes_len(self.data.len())
-            + bytes_len(self.address.encoded_len())
-            + proof.map_or(0, |p| bytes_len(p.len()))
-    }
-
     fn encoded_len(&self) -> usize {
-        self.encoded_len_with(self.wire_proof().as_deref())
+        delivery_len(
+            &self.cid.to_bytes(),
+            self.data.len(),
+            &self.address,
+            self.wire_proof().as_deref(),
+        )
     }
 
     fn encode_into(&self, buf: &mut Vec<u8>, field: u32) {
         let proof = self.wire_proof();
-        put_header(buf, field, self.encoded_len_with(proof.as_deref()));
-        pb::put_bytes(buf, 1, &self.cid.to_bytes());
-        pb::put_bytes(buf, 2, &self.data);
-        put_header(buf, 3, self.address.encoded_len());
-        self.address.encode_into(buf);
-        if let Some(p) = proof {
-            pb::put_bytes(buf, 4, &p);
-        }
+        let cid = self.cid.to_bytes();
+        let fill = |b: &mut Vec<u8>| {
+            b.extend_from_slice(&self.data);
+            Ok::<(), std::convert::Infallible>(())
+        };
+        let len = self.data.len();
+        let _ = put_delivery(buf, field, &cid, &self.address, proof.as_deref(), len, fill);
     }
 
     fn decode(buf: &[u8], src: Source<'_>) -> Result<Self, DecodeError> {
@@ -389,6 +386,51 @@ impl Delivery {
             proof,
         })
     }
+}
+
+/// Length of a delivery's content: its CID, `len` bytes of data, its address and its
+/// proof, if any.
+fn delivery_len(cid: &[u8], len: usize, address: &BlockAddress, proof: Option<&[u8]>) -> usize {
+    bytes_len(cid.len())
+        + bytes_len(len)
+        + bytes_len(address.encoded_len())
+        + proof.map_or(0, |p| bytes_len(p.len()))
+}
+
+/// Appends a delivery as field `field`: its CID, `len` bytes of data that `fill` appends,
+/// its address and its proof, if any. When `fill` fails, or appends other than `len`
+/// bytes, `buf` is left as it was: the error, or `Ok(false)`.
+fn put_delivery<E>(
+    buf: &mut Vec<u8>,
+    field: u32,
+    cid: &[u8],
+    address: &BlockAddress,
+    proof: Option<&[u8]>,
+    len: usize,
+    fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+) -> Result<bool, E> {
+    let mark = buf.len();
+    let content = delivery_len(cid, len, address, proof);
+    buf.reserve(bytes_len(content));
+    put_header(buf, field, content);
+    pb::put_bytes(buf, 1, cid);
+    put_header(buf, 2, len);
+    let data = buf.len();
+    if let Err(e) = fill(buf) {
+        buf.truncate(mark);
+        return Err(e);
+    }
+    if buf.len() != data + len {
+        debug_assert!(false, "fill appended {} bytes, not {len}", buf.len() - data);
+        buf.truncate(mark);
+        return Ok(false);
+    }
+    put_header(buf, 3, address.encoded_len());
+    address.encode_into(buf);
+    if let Some(p) = proof {
+        pb::put_bytes(buf, 4, p);
+    }
+    Ok(true)
 }
 
 /// The price field of a presence: a 32-byte big-endian zero.
@@ -781,38 +823,13 @@ impl DeliveryFrame {
         len: usize,
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
-        let mark = self.buf.len();
         let cid = cid.to_bytes();
         let proof = matches!(address, BlockAddress::Leaf { .. }).then(|| proof.encode());
-        let content = bytes_len(cid.len())
-            + bytes_len(len)
-            + bytes_len(address.encoded_len())
-            + proof.as_ref().map_or(0, |p| bytes_len(p.len()));
-        self.buf.reserve(bytes_len(content));
-        put_header(&mut self.buf, 3, content);
-        pb::put_bytes(&mut self.buf, 1, &cid);
-        put_header(&mut self.buf, 2, len);
-        let data = self.buf.len();
-        if let Err(e) = fill(&mut self.buf) {
-            self.buf.truncate(mark);
-            return Err(e);
+        let proof = proof.as_deref();
+        if put_delivery(&mut self.buf, 3, &cid, address, proof, len, fill)? {
+            self.blocks += 1;
+            self.data += len;
         }
-        if self.buf.len() != data + len {
-            debug_assert!(
-                false,
-                "fill appended {} bytes, not {len}",
-                self.buf.len() - data
-            );
-            self.buf.truncate(mark);
-            return Ok(());
-        }
-        put_header(&mut self.buf, 3, address.encoded_len());
-        address.encode_into(&mut self.buf);
-        if let Some(p) = proof {
-            pb::put_bytes(&mut self.buf, 4, &p);
-        }
-        self.blocks += 1;
-        self.data += len;
         Ok(())
     }
 

@@ -330,12 +330,8 @@ impl WantList {
 }
 
 impl Delivery {
-    /// The encoded proof, written only for a leaf address.
     fn wire_proof(&self) -> Option<Vec<u8>> {
-        match self.address {
-            BlockAddress::Leaf { .. } => self.proof.as_ref().map(Proof::encode),
-            BlockAddress::Cid(_) => None,
-        }
+        wire_proof(&self.address, self.proof.as_ref())
     }
 
     fn encoded_len(&self) -> usize {
@@ -385,6 +381,14 @@ impl Delivery {
             address,
             proof,
         })
+    }
+}
+
+/// The encoded proof of a delivery, written only for a leaf address.
+fn wire_proof(address: &BlockAddress, proof: Option<&Proof>) -> Option<Vec<u8>> {
+    match address {
+        BlockAddress::Leaf { .. } => proof.map(Proof::encode),
+        BlockAddress::Cid(_) => None,
     }
 }
 
@@ -517,11 +521,7 @@ impl Message {
         for d in &self.deliveries {
             d.encode_into(buf, 3);
         }
-        for p in &self.presences {
-            put_header(buf, 4, p.encoded_len());
-            p.encode_into(buf);
-        }
-        buf.extend_from_slice(&TRAILER);
+        put_tail(buf, &self.presences);
     }
 
     /// Whether the message carries nothing: no wants, blocks or presences.
@@ -562,6 +562,23 @@ impl Message {
         }
         Ok(msg)
     }
+}
+
+/// Appends what follows a message's deliveries: its presences, then the trailer.
+fn put_tail(buf: &mut Vec<u8>, presences: &[Presence]) {
+    for p in presences {
+        put_header(buf, 4, p.encoded_len());
+        p.encode_into(buf);
+    }
+    buf.extend_from_slice(&TRAILER);
+}
+
+/// An error when a message of `len` bytes exceeds [`MAX_MESSAGE`].
+fn within_max(len: usize) -> io::Result<()> {
+    if len > MAX_MESSAGE {
+        return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
+    }
+    Ok(())
 }
 
 /// `msg` as it goes on the wire: its length as an unsigned varint, then its encoding.
@@ -724,9 +741,7 @@ pub async fn write_message<W: AsyncWrite + Unpin>(w: &mut W, msg: &Message) -> i
 /// `InvalidData` error for a message over [`MAX_MESSAGE`].
 pub fn frame_into(msg: &Message, buf: &mut Vec<u8>) -> io::Result<()> {
     let len = msg.encoded_len();
-    if len > MAX_MESSAGE {
-        return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
-    }
+    within_max(len)?;
     buf.clear();
     encode_frame(msg, len, buf);
     Ok(())
@@ -824,7 +839,7 @@ impl DeliveryFrame {
         fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
     ) -> Result<(), E> {
         let cid = cid.to_bytes();
-        let proof = matches!(address, BlockAddress::Leaf { .. }).then(|| proof.encode());
+        let proof = wire_proof(address, Some(proof));
         let proof = proof.as_deref();
         if put_delivery(&mut self.buf, 3, &cid, address, proof, len, fill)? {
             self.blocks += 1;
@@ -840,15 +855,9 @@ impl DeliveryFrame {
 
     /// The finished frame; an error when the message exceeds [`MAX_MESSAGE`].
     pub fn finish(mut self) -> io::Result<Frame> {
-        for p in &self.presences {
-            put_header(&mut self.buf, 4, p.encoded_len());
-            p.encode_into(&mut self.buf);
-        }
-        self.buf.extend_from_slice(&TRAILER);
+        put_tail(&mut self.buf, &self.presences);
         let len = self.buf.len() - LEN_ROOM;
-        if len > MAX_MESSAGE {
-            return Err(invalid(format!("message of {len} bytes exceeds 100 MiB")));
-        }
+        within_max(len)?;
         let mut head = Vec::with_capacity(LEN_ROOM);
         pb::put_varint(&mut head, len as u64);
         let start = LEN_ROOM - head.len();

@@ -5,6 +5,11 @@
 //! 32 bytes per node. It is derived data: built from the tree's `leaves` blob the first time
 //! the complete tree is read, checked against the tree CID when opened, and built again
 //! when it is missing or damaged. Every proof read from it is checked before it is used.
+//!
+//! The top layers, at most [`TOP_NODES`] nodes, are the file's tail: an open tree keeps
+//! them in memory, so a proof costs one read for the leaf and its sibling and one per
+//! layer below the top (3 at 1 GiB of 64 KiB blocks, instead of 15). A tree of up to
+//! 1024 leaves is read whole.
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Read, Write};
@@ -18,6 +23,9 @@ use crate::merkle::{layer_sizes, next_layer, Proof};
 /// Digests read or written at a time while building (an even number).
 const RUN: usize = 2048;
 
+/// The most nodes of the top layers an open tree keeps in memory (64 KiB).
+const TOP_NODES: u64 = 2048;
+
 /// An open tree file.
 #[derive(Debug)]
 pub(crate) struct TreeFile {
@@ -26,6 +34,10 @@ pub(crate) struct TreeFile {
     sizes: Vec<u64>,
     /// Where each layer starts, in nodes.
     starts: Vec<u64>,
+    /// The first layer held in `top`.
+    top_from: usize,
+    /// Layers `top_from..` (the file's tail), as read when the file was opened.
+    top: Vec<Digest32>,
     root: Digest32,
 }
 
@@ -59,14 +71,25 @@ impl TreeFile {
         if len != nodes * 32 {
             return Ok(None);
         }
-        let t = Self {
+        // The highest layers whose nodes together fit in TOP_NODES; the root always does.
+        let top_from = (0..sizes.len())
+            .find(|&l| nodes - starts[l] <= TOP_NODES)
+            .unwrap_or(sizes.len() - 1);
+        let mut tail = vec![0u8; ((nodes - starts[top_from]) * 32) as usize];
+        file.read_exact_at(&mut tail, starts[top_from] * 32)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let top: Vec<Digest32> = tail.chunks_exact(32).map(digest).collect();
+        if top.last() != Some(root) {
+            return Ok(None);
+        }
+        Ok(Some(Self {
             file,
             sizes,
             starts,
+            top_from,
+            top,
             root: *root,
-        };
-        let top = t.sizes.len() - 1;
-        Ok((t.node(top, 0)? == *root).then_some(t))
+        }))
     }
 
     /// Builds the tree file at `path` from `leaves` (the digests in order, `count` of them),
@@ -89,13 +112,22 @@ impl TreeFile {
         }
     }
 
-    /// Node `index` of layer `layer`.
+    /// Node `index` of layer `layer`, which must exist.
     fn node(&self, layer: usize, index: u64) -> Result<Digest32> {
+        let at = self.starts[layer] + index;
+        if layer >= self.top_from {
+            return Ok(self.top[(at - self.starts[self.top_from]) as usize]);
+        }
         let mut d = [0u8; 32];
-        self.file
-            .read_exact_at(&mut d, (self.starts[layer] + index) * 32)
-            .map_err(|e| Error::io("reading a tree file", e))?;
+        self.read(&mut d, at)?;
         Ok(d)
+    }
+
+    /// Nodes from position `at` of the file into `buf`.
+    fn read(&self, buf: &mut [u8], at: u64) -> Result<()> {
+        self.file
+            .read_exact_at(buf, at * 32)
+            .map_err(|e| Error::io("reading a tree file", e))
     }
 
     /// The number of leaves.
@@ -113,11 +145,29 @@ impl TreeFile {
 
     /// Leaf `index` and its proof, checked against the root; `None` past the end.
     pub(crate) fn leaf_and_proof(&self, index: u64) -> Result<Option<(Digest32, Proof)>> {
-        let Some(leaf) = self.leaf(index)? else {
+        if index >= self.leaves() {
             return Ok(None);
+        }
+        // The leaf and its sibling (absent for the last of an odd layer) side by side.
+        let (leaf, sibling) = {
+            let first = index & !1;
+            let pair = if first + 1 < self.leaves() { 2 } else { 1 };
+            let mut nodes = [[0u8; 32]; 2];
+            if self.top_from == 0 {
+                nodes[..pair].copy_from_slice(&self.top[first as usize..][..pair]);
+            } else {
+                self.read(nodes[..pair].as_flattened_mut(), first)?;
+            }
+            let odd = (index & 1) as usize;
+            (nodes[odd], nodes[odd ^ 1])
         };
         let mut path = Vec::with_capacity(self.sizes.len() - 1);
-        for (layer, size) in self.sizes[..self.sizes.len() - 1].iter().enumerate() {
+        path.push(sibling);
+        for (layer, size) in self.sizes[..self.sizes.len() - 1]
+            .iter()
+            .enumerate()
+            .skip(1)
+        {
             let sibling = (index >> layer) ^ 1;
             path.push(if sibling < *size {
                 self.node(layer, sibling)?
@@ -138,6 +188,12 @@ impl TreeFile {
         }
         Ok(Some((leaf, proof)))
     }
+}
+
+fn digest(bytes: &[u8]) -> Digest32 {
+    let mut d = [0u8; 32];
+    d.copy_from_slice(bytes);
+    d
 }
 
 fn build_at(tmp: &Path, count: u64, leaves: impl Read) -> Result<Digest32> {
@@ -174,11 +230,7 @@ fn build_at(tmp: &Path, count: u64, leaves: impl Read) -> Result<Digest32> {
             file.read_exact_at(buf, (starts[layer] + done) * 32)
                 .map_err(io)?;
             run.clear();
-            run.extend(buf.chunks_exact(32).map(|c| {
-                let mut d = [0u8; 32];
-                d.copy_from_slice(c);
-                d
-            }));
+            run.extend(buf.chunks_exact(32).map(digest));
             parents.clear();
             for p in next_layer(&run, layer == 0) {
                 parents.extend_from_slice(&p);
@@ -214,9 +266,11 @@ mod tests {
             let file = TreeFile::open(&path, n, &root)
                 .unwrap()
                 .expect("valid file");
-            for i in [0, n / 2, n - 1] {
+            // Every leaf: pairs read from the file and nodes held in memory alike.
+            for i in 0..n {
                 let (leaf, proof) = file.leaf_and_proof(i).unwrap().unwrap();
                 assert_eq!((leaf, proof), (leaves[i as usize], tree.proof(i).unwrap()));
+                assert_eq!(file.leaf(i).unwrap(), Some(leaves[i as usize]));
             }
             assert!(file.leaf_and_proof(n).unwrap().is_none());
             // Another tree's root, or a wrong leaf count: the file is not used.
@@ -240,16 +294,35 @@ mod tests {
     #[test]
     fn a_damaged_node_is_caught_by_the_proof_check() {
         let dir = tempfile::tempdir().unwrap();
-        let leaves: Vec<Digest32> = (0..8u64)
-            .map(|i| Sha256::digest(i.to_le_bytes()).into())
-            .collect();
-        let path = dir.path().join("t.tree");
-        let root = TreeFile::build(&path, 8, leaves.concat().as_slice()).unwrap();
-        // Layer 1 starts after the 8 leaves: damage its first node.
-        let f = File::options().write(true).open(&path).unwrap();
-        f.write_all_at(&[0xff; 32], 8 * 32).unwrap();
-        let file = TreeFile::open(&path, 8, &root).unwrap().unwrap();
-        assert!(matches!(file.leaf_and_proof(3), Err(Error::Corrupt { .. })));
-        assert!(file.leaf_and_proof(7).is_ok());
+        // 8 leaves: the whole tree is held in memory. 4099: layers 0 to 2 are read from the
+        // file for every proof, and the rest is held.
+        for (n, held) in [(8u64, true), (4099, false)] {
+            let leaves: Vec<Digest32> = (0..n)
+                .map(|i| Sha256::digest(i.to_le_bytes()).into())
+                .collect();
+            let path = dir.path().join(format!("{n}.tree"));
+            let root = TreeFile::build(&path, n, leaves.concat().as_slice()).unwrap();
+            assert_eq!(
+                TreeFile::open(&path, n, &root).unwrap().unwrap().top_from == 0,
+                held
+            );
+            // Layer 1 starts after the leaves: damage its first node, the parent of leaves
+            // 0 and 1 and a sibling on the path of leaves 2 and 3.
+            let f = File::options().write(true).open(&path).unwrap();
+            f.write_all_at(&[0xff; 32], n * 32).unwrap();
+            let file = TreeFile::open(&path, n, &root).unwrap().unwrap();
+            assert!(matches!(file.leaf_and_proof(3), Err(Error::Corrupt { .. })));
+            assert!(file.leaf_and_proof(7).is_ok());
+            // A damaged leaf fails its own proof.
+            f.write_all_at(&[0xff; 32], 6 * 32).unwrap();
+            let file = TreeFile::open(&path, n, &root).unwrap().unwrap();
+            assert!(matches!(file.leaf_and_proof(6), Err(Error::Corrupt { .. })));
+            assert!(matches!(file.leaf_and_proof(7), Err(Error::Corrupt { .. })));
+            assert!(file.leaf_and_proof(4).is_ok());
+            // A damaged root: the file is not used at all.
+            let nodes: u64 = layer_sizes(n).iter().sum();
+            f.write_all_at(&[0xff; 32], (nodes - 1) * 32).unwrap();
+            assert!(TreeFile::open(&path, n, &root).unwrap().is_none());
+        }
     }
 }

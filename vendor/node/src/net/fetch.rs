@@ -45,6 +45,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 /// Received blocks waiting to be verified and written.
 const WRITE_QUEUE: usize = 256;
 
+/// The longest a stored block waits for its commit (what makes it servable to others and
+/// visible to an in-order reader) while more blocks may arrive to share the transaction.
+const COMMIT_DELAY: Duration = Duration::from_millis(10);
+
 /// Retry settings of downloads.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchConfig {
@@ -368,7 +372,10 @@ pub async fn dataset(
     let (writer_tx, mut written) = mpsc::channel(WRITE_QUEUE);
     let writer = std::thread::Builder::new()
         .name("codex-fetch-io".into())
-        .spawn(move || write_blocks(fill, writer_rx, writer_tx))
+        .spawn({
+            let rt = tokio::runtime::Handle::current();
+            move || write_blocks(fill, writer_rx, writer_tx, rt)
+        })
         .map_err(|e| Error::io("starting a download writer", e))?;
 
     let mut s = Scheduler {
@@ -733,30 +740,49 @@ impl Scheduler {
 }
 
 /// The writer thread: checks each block against its CID and proof, stores it, and commits
-/// in batches (at once when no block is waiting, so progress is visible promptly).
-fn write_blocks(mut fill: TreeFill, mut rx: mpsc::Receiver<ToWrite>, tx: mpsc::Sender<Written>) {
+/// in batches: every `FLUSH_EVERY` blocks while they stream in, and once no block has come
+/// for [`COMMIT_DELAY`] since the first uncommitted one, or the last block is in.
+fn write_blocks(
+    mut fill: TreeFill,
+    mut rx: mpsc::Receiver<ToWrite>,
+    tx: mpsc::Sender<Written>,
+    rt: tokio::runtime::Handle,
+) {
     let mut stored = (0..fill.leaves()).filter(|i| fill.has(*i)).count() as u64;
     let mut prefix = 0u64;
-    let mut dirty = false;
+    // When the oldest block not yet committed was stored.
+    let mut dirty: Option<Instant> = None;
     loop {
         let next = match rx.try_recv() {
             Ok(item) => Some(item),
             Err(mpsc::error::TryRecvError::Empty) => {
-                if dirty {
-                    dirty = false;
-                    if !commit(&mut fill, &mut prefix, stored, &tx) {
-                        return;
-                    }
-                    if fill.is_complete() {
-                        return;
-                    }
+                let wait = match dirty {
+                    None => None,
+                    Some(_) if stored == fill.leaves() => Some(Duration::ZERO),
+                    Some(since) => Some(COMMIT_DELAY.saturating_sub(since.elapsed())),
+                };
+                match wait {
+                    None => rx.blocking_recv(),
+                    // Timers only fire while the runtime runs; its shutdown drops the
+                    // download, whose sender's going ends the wait first.
+                    Some(left) => match rt
+                        .block_on(async { tokio::time::timeout(left, rx.recv()).await })
+                    {
+                        Ok(item) => item,
+                        Err(_) => {
+                            dirty = None;
+                            if !commit(&mut fill, &mut prefix, stored, &tx) || fill.is_complete() {
+                                return;
+                            }
+                            continue;
+                        }
+                    },
                 }
-                rx.blocking_recv()
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,
         };
         let Some((peer, index, cid, data, proof)) = next else {
-            if dirty {
+            if dirty.is_some() {
                 commit(&mut fill, &mut prefix, stored, &tx);
             }
             return;
@@ -772,7 +798,7 @@ fn write_blocks(mut fill: TreeFill, mut rx: mpsc::Receiver<ToWrite>, tx: mpsc::S
         } else {
             fill.put(index, &data, digest, &proof).map(|()| {
                 stored += 1;
-                dirty = true;
+                dirty.get_or_insert_with(Instant::now);
             })
         };
         if tx
@@ -807,6 +833,88 @@ fn commit(fill: &mut TreeFill, prefix: &mut u64, stored: u64, tx: &mpsc::Sender<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{Store, StoreConfig};
+
+    #[test]
+    fn the_writer_commits_when_blocks_stop_coming_and_at_the_last_block() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let open = |dir: &std::path::Path| {
+            Arc::new(
+                Store::open(&StoreConfig {
+                    data_dir: dir.to_path_buf(),
+                    quota: 1 << 20,
+                    ttl: None,
+                })
+                .unwrap(),
+            )
+        };
+        let (sa, sb) = (open(a.path()), open(b.path()));
+        let bytes: Vec<u8> = (0..5 * 1024u32).map(|i| (i * 7 % 251) as u8).collect();
+        let mut w = sa.writer(1024, None, None).unwrap();
+        w.write(&bytes).unwrap();
+        let (mcid, manifest) = w.finish().unwrap();
+        let tree = manifest.tree_cid;
+        let fill = sb.fill(&mcid, &manifest).unwrap();
+        let (to_writer, rx) = mpsc::channel(8);
+        let (tx, mut written) = mpsc::channel(64);
+        let writer = std::thread::spawn({
+            let rt = rt.handle().clone();
+            move || write_blocks(fill, rx, tx, rt)
+        });
+        let peer = PeerId::random();
+        let send = |i: u64| {
+            let (block, proof) = sa.leaf(&tree, i).unwrap();
+            let cid = Cid::hash_of(CidKind::Block, &block);
+            to_writer
+                .blocking_send((peer, i, cid, block, proof))
+                .unwrap();
+        };
+        // Two blocks, then nothing: they are committed without waiting for more.
+        send(0);
+        send(1);
+        let mut stored = Vec::new();
+        let committed = loop {
+            match written.blocking_recv().unwrap() {
+                Written::Block { index, result, .. } => {
+                    result.unwrap();
+                    stored.push(index);
+                }
+                Written::Committed {
+                    prefix,
+                    stored,
+                    complete,
+                } => break (prefix, stored, complete),
+            }
+        };
+        assert_eq!((stored, committed), (vec![0, 1], (2, 2, false)));
+        // Committed blocks are served to others.
+        assert_eq!(sb.leaf(&tree, 1).unwrap().0, &bytes[1024..2048]);
+        // The last block completes the tree at once.
+        for i in 2..5 {
+            send(i);
+        }
+        let last = loop {
+            if let Written::Committed {
+                prefix,
+                stored,
+                complete,
+            } = written.blocking_recv().unwrap()
+            {
+                if complete {
+                    break (prefix, stored);
+                }
+            }
+        };
+        assert_eq!(last, (5, 5));
+        writer.join().unwrap();
+        drop(to_writer);
+        assert_eq!(sb.leaf(&tree, 4).unwrap().0, &bytes[4096..]);
+    }
 
     #[test]
     fn todo_walks_missing_blocks_in_order_and_takes_back_handed_out_ones() {

@@ -490,4 +490,13 @@ fn main() {
         mean(&|r| r.cpu).as_secs_f64() / gib,
         fig.seed_cpu.as_secs_f64() / runs / gib
     );
+    // How close the machine's cores were to being the limit: both processes' CPU time
+    // over the time to completion, per core.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let busy = (mean(&|r| r.cpu).as_secs_f64() + fig.seed_cpu.as_secs_f64() / runs)
+        / complete.as_secs_f64();
+    println!(
+        "  cores busy until complete: {busy:.2} of {cores} ({:.0}%)",
+        100.0 * busy / cores as f64
+    );
 }

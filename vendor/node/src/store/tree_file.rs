@@ -8,7 +8,7 @@
 //!
 //! The top layers, at most [`TOP_NODES`] nodes, are the file's tail: an open tree keeps
 //! them in memory, so a proof costs one read for the leaf and its sibling and one per
-//! layer below the top (3 at 1 GiB of 64 KiB blocks, instead of 15). A tree of up to
+//! layer below the top (4 at 1 GiB of 64 KiB blocks, instead of 15). A tree of up to
 //! 1024 leaves is read whole.
 
 use std::fs::{self, File};

@@ -114,19 +114,21 @@ impl TreeFile {
 
     /// Node `index` of layer `layer`, which must exist.
     fn node(&self, layer: usize, index: u64) -> Result<Digest32> {
-        let at = self.starts[layer] + index;
-        if layer >= self.top_from {
-            return Ok(self.top[(at - self.starts[self.top_from]) as usize]);
-        }
-        let mut d = [0u8; 32];
-        self.read(&mut d, at)?;
-        Ok(d)
+        let mut d = [[0u8; 32]];
+        self.nodes(layer, index, &mut d)?;
+        Ok(d[0])
     }
 
-    /// Nodes from position `at` of the file into `buf`.
-    fn read(&self, buf: &mut [u8], at: u64) -> Result<()> {
+    /// Nodes `first..` of layer `layer` into `out`, from memory or in one read.
+    fn nodes(&self, layer: usize, first: u64, out: &mut [Digest32]) -> Result<()> {
+        let at = self.starts[layer] + first;
+        if layer >= self.top_from {
+            let i = (at - self.starts[self.top_from]) as usize;
+            out.copy_from_slice(&self.top[i..][..out.len()]);
+            return Ok(());
+        }
         self.file
-            .read_exact_at(buf, at * 32)
+            .read_exact_at(out.as_flattened_mut(), at * 32)
             .map_err(|e| Error::io("reading a tree file", e))
     }
 
@@ -153,11 +155,7 @@ impl TreeFile {
             let first = index & !1;
             let pair = if first + 1 < self.leaves() { 2 } else { 1 };
             let mut nodes = [[0u8; 32]; 2];
-            if self.top_from == 0 {
-                nodes[..pair].copy_from_slice(&self.top[first as usize..][..pair]);
-            } else {
-                self.read(nodes[..pair].as_flattened_mut(), first)?;
-            }
+            self.nodes(0, first, &mut nodes[..pair])?;
             let odd = (index & 1) as usize;
             (nodes[odd], nodes[odd ^ 1])
         };

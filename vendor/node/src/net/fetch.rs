@@ -756,27 +756,29 @@ fn write_blocks(
         let next = match rx.try_recv() {
             Ok(item) => Some(item),
             Err(mpsc::error::TryRecvError::Empty) => {
-                let wait = match dirty {
+                let left = match dirty {
                     None => None,
                     Some(_) if stored == fill.leaves() => Some(Duration::ZERO),
                     Some(since) => Some(COMMIT_DELAY.saturating_sub(since.elapsed())),
                 };
-                match wait {
-                    None => rx.blocking_recv(),
+                let waited = match left {
+                    None => Some(rx.blocking_recv()),
+                    Some(left) if left.is_zero() => None,
                     // Timers only fire while the runtime runs; its shutdown drops the
                     // download, whose sender's going ends the wait first.
-                    Some(left) => match rt
+                    Some(left) => rt
                         .block_on(async { tokio::time::timeout(left, rx.recv()).await })
-                    {
-                        Ok(item) => item,
-                        Err(_) => {
-                            dirty = None;
-                            if !commit(&mut fill, &mut prefix, stored, &tx) || fill.is_complete() {
-                                return;
-                            }
-                            continue;
+                        .ok(),
+                };
+                match waited {
+                    Some(item) => item,
+                    None => {
+                        dirty = None;
+                        if !commit(&mut fill, &mut prefix, stored, &tx) || fill.is_complete() {
+                            return;
                         }
-                    },
+                        continue;
+                    }
                 }
             }
             Err(mpsc::error::TryRecvError::Disconnected) => None,

@@ -4,9 +4,10 @@
 //! leecher's data-dir is synced to disk, MB/s, peak RSS of both processes and disk used,
 //! next to this machine's bound (the lower of SHA-256 and sequential disk writes, measured
 //! in this run; the disk three times, once before the transfers and twice after, and the
-//! median taken, as one measurement of a shared machine's disk moved between 321 and
-//! 503 MB/s from run to run) and, when `python3-libtorrent` is installed, libtorrent
-//! moving the same size with `../shared/bench/bt_bench.sh`.
+//! median taken: one measurement of this machine's disk gave 321 MB/s to 2 GB/s, depending
+//! on whether the filesystem reused space freed just before) and, when
+//! `python3-libtorrent` is installed, libtorrent moving the same size with
+//! `../shared/bench/bt_bench.sh`.
 //!
 //! ```sh
 //! cargo bench -p codex-benches --bench transfer                      # 1 GiB
@@ -485,16 +486,19 @@ fn main() {
     // Both processes share the machine's cores, so CPU time per GiB bounds the rate.
     let gib = size as f64 / (1u64 << 30) as f64;
     let runs = fig.runs.len().max(1) as f64;
+    let (leech_cpu, seed_cpu) = (
+        mean(&|r| r.cpu).as_secs_f64(),
+        fig.seed_cpu.as_secs_f64() / runs,
+    );
     println!(
         "  CPU time per GiB: leecher {:.2} s, seeder {:.2} s (serving, averaged over runs)",
-        mean(&|r| r.cpu).as_secs_f64() / gib,
-        fig.seed_cpu.as_secs_f64() / runs / gib
+        leech_cpu / gib,
+        seed_cpu / gib
     );
     // How close the machine's cores were to being the limit: both processes' CPU time
     // over the time to completion, per core.
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let busy = (mean(&|r| r.cpu).as_secs_f64() + fig.seed_cpu.as_secs_f64() / runs)
-        / complete.as_secs_f64();
+    let busy = (leech_cpu + seed_cpu) / complete.as_secs_f64();
     println!(
         "  cores busy until complete: {busy:.2} of {cores} ({:.0}%)",
         100.0 * busy / cores as f64

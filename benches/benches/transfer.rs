@@ -36,7 +36,9 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use codex::{Cid, CodexConfig, CodexNode};
-use codex_benches::{cpu_time, env_u64, generate, peak_rss, reset_peak_rss, sha256_rate};
+use codex_benches::{
+    cpu_time, env_u64, generate, noise_cipher_rates, peak_rss, reset_peak_rss, sha256_rate,
+};
 use criterion::{criterion_group, Criterion, SamplingMode, Throughput};
 use futures::StreamExt;
 use sha2::{Digest, Sha256};
@@ -297,6 +299,8 @@ struct Figures {
     /// CPU time the seeder used serving all runs.
     seed_cpu: Duration,
     sha: f64,
+    /// Single-core rates of sealing and of opening Noise frames.
+    noise: (f64, f64),
     /// Sequential write rates of the scratch disk, in the order measured.
     disk: Vec<f64>,
 }
@@ -320,6 +324,7 @@ fn transfer(c: &mut Criterion) {
     let sha = file_sha256(&file).expect("hash the dataset");
     let mut fig = Figures {
         sha: sha256_rate(),
+        noise: noise_cipher_rates(),
         disk: vec![disk_write_rate(work.path(), size).expect("disk rate")],
         ..Figures::default()
     };
@@ -502,5 +507,17 @@ fn main() {
     println!(
         "  cores busy until complete: {busy:.2} of {cores} ({:.0}%)",
         100.0 * busy / cores as f64
+    );
+    // What no implementation of the protocol can beat on these cores: every byte sealed
+    // once by the seeder, opened once and hashed once by the leecher, and nothing else.
+    let (seal, open) = fig.noise;
+    let ceiling = cores as f64 / (1.0 / seal + 1.0 / open + 1.0 / fig.sha);
+    println!(
+        "  protocol ceiling: Noise seal {:.0}, open {:.0}, SHA-256 {:.0} MB/s per core -> at most {:.0} MB/s on {cores} cores doing nothing else; codex complete = {:.2} x ceiling",
+        seal / 1e6,
+        open / 1e6,
+        fig.sha / 1e6,
+        ceiling / 1e6,
+        mb(complete) * 1e6 / ceiling
     );
 }

@@ -387,3 +387,45 @@ async fn peers_that_ask_for_everything_and_stop_reading_hold_bounded_memory() {
     drop(hoarders);
     still_serves(&mut a, mcid, &data).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_stalled_peers_than_the_node_has_blocking_threads_do_not_stop_it() {
+    // The node reads blocks on a pool of 64 threads. A read waiting for a stalled peer (for
+    // its share of the serving budget, or for room in its send queue) must not hold one of
+    // them, or 64 peers that ask for everything and stop reading stop the node serving
+    // anyone else, and stop its own storage calls too.
+    const STALLED: usize = 72;
+    const BLOCKS: u64 = 256; // 16 MiB: more than a stalled connection's buffers take in
+    let (mut a, mcid, data, _tmp) = node_with_dataset(BLOCKS as usize * BLOCK, 31);
+    let tree = {
+        let peer = TestPeer::start("manifest").await;
+        let mut inbox = peer.inbox();
+        let node = peer.dial(&a.peer_id, &a.addr).await;
+        fetch_one(&peer, &mut inbox, node, mcid, 0, &data)
+            .await
+            .tree_cid
+    };
+    let mut hoarders = Vec::new();
+    for i in 0..STALLED {
+        let h = TestPeer::start(&format!("hoarder-{i}")).await;
+        h.hoard();
+        let node = h.dial(&a.peer_id, &a.addr).await;
+        let mut s = h.open(node).await;
+        let entries = (0..BLOCKS)
+            .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
+            .collect();
+        write_message(&mut s, &Message::wants(entries))
+            .await
+            .unwrap();
+        hoarders.push((h, s));
+    }
+    // Time for every stalled connection to fill and every read for it to start waiting.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+
+    // A new peer is served, and the node's own calls answer, all while they wait.
+    tokio::time::timeout(Duration::from_secs(20), still_serves(&mut a, mcid, &data))
+        .await
+        .expect("the node stopped serving while peers stalled");
+    drop(hoarders);
+    still_serves(&mut a, mcid, &data).await;
+}

@@ -451,7 +451,10 @@ impl Engine {
         !self.shared.stop.is_cancelled() && lock(&self.shared.peers).contains_key(peer)
     }
 
-    /// Answers `peer`'s wants in order, reading blocks on the blocking pool.
+    /// Answers `peer`'s wants in order. Blocks are read on the blocking pool; what waits on
+    /// the peer (room in its send queue, its share of the serving budget) waits here, as a
+    /// task: a pool thread held by a peer that stopped reading would be one that other
+    /// peers and the node's own storage calls could not have.
     async fn serve(self, peer: PeerId, wants: Arc<Wants>) {
         loop {
             let entries: Vec<Entry> = {
@@ -467,20 +470,53 @@ impl Engine {
             }
             let out = lock(&self.shared.peers).get(&peer).map(|p| p.out.clone());
             let Some(out) = out else { return };
+            if !self.answer(peer, &out, entries).await {
+                return;
+            }
+        }
+    }
+
+    /// Answers one want list of `peer`; false once the peer is gone or the node stops.
+    async fn answer(
+        &self,
+        peer: PeerId,
+        out: &mpsc::Sender<Outbound>,
+        entries: Vec<Entry>,
+    ) -> bool {
+        let mut job = Answer::new(entries, self.shared.frames.get());
+        loop {
+            if !self.serving(&peer) {
+                return false;
+            }
             let engine = self.clone();
-            let done = tokio::task::spawn_blocking(move || {
-                let to = Recipient {
-                    peer,
-                    out: &out,
-                    budget: &engine.shared.serving,
-                    frames: &engine.shared.frames,
-                    alive: &|| engine.serving(&peer),
-                };
-                answer(&engine.shared.store, entries, &to)
+            let stepped = tokio::task::spawn_blocking(move || {
+                let shared = &engine.shared;
+                let wait = job.step(&shared.store, &shared.frames, &shared.serving, peer);
+                (job, wait)
             })
             .await;
-            if !matches!(done, Ok(true)) {
-                return;
+            let Ok((back, wait)) = stepped else {
+                return false;
+            };
+            job = back;
+            let went_on = match wait {
+                Wait::Done => {
+                    job.finish(&self.shared.frames);
+                    return true;
+                }
+                Wait::Send(message) => tokio::select! {
+                    _ = self.shared.stop.cancelled() => false,
+                    sent = out.send(message) => sent.is_ok(),
+                },
+                Wait::Budget(bytes) => {
+                    let budget = &self.shared.serving;
+                    let taken = budget.take(peer, bytes, || self.serving(&peer)).await;
+                    job.granted = taken;
+                    job.granted.is_some()
+                }
+            };
+            if !went_on {
+                return false;
             }
         }
     }
@@ -520,66 +556,6 @@ impl Drop for InboundGuard {
     }
 }
 
-/// Where answers go: a peer's send queue, and the serving budget its blocks take.
-struct Recipient<'a> {
-    peer: PeerId,
-    out: &'a mpsc::Sender<Outbound>,
-    budget: &'a Arc<ServeBudget>,
-    frames: &'a FramePool,
-    /// Whether the peer is still worth serving.
-    alive: &'a dyn Fn() -> bool,
-}
-
-impl Recipient<'_> {
-    /// An empty message in a pooled buffer.
-    fn frame(&self) -> DeliveryFrame {
-        DeliveryFrame::new(self.frames.get())
-    }
-
-    /// Queues `frame` with the budget its blocks hold; false once the peer is gone.
-    fn send(&self, frame: DeliveryFrame, charge: &mut Option<Charge>) -> bool {
-        match frame.finish() {
-            Ok(frame) => self
-                .out
-                .blocking_send(Outbound {
-                    frame,
-                    _charge: charge.take(),
-                })
-                .is_ok(),
-            // Not with blocks of the sizes stores hold: DELIVERY_BYTES keeps well within.
-            Err(e) => {
-                tracing::warn!(peer = %self.peer, error = %e, "cannot send a block exchange message");
-                *charge = None;
-                true
-            }
-        }
-    }
-
-    /// [`Recipient::send`]s what `frame` holds and starts it afresh.
-    fn flush(&self, frame: &mut DeliveryFrame, charge: &mut Option<Charge>) -> bool {
-        let full = std::mem::replace(frame, self.frame());
-        self.send(full, charge)
-    }
-
-    /// Takes `size` bytes of the serving budget; when they do not fit, what `frame` holds
-    /// goes out first and the read waits. `None` once the peer is gone.
-    fn take(
-        &self,
-        size: u64,
-        frame: &mut DeliveryFrame,
-        charge: &mut Option<Charge>,
-    ) -> Option<Charge> {
-        if let Some(c) = self.budget.try_take(self.peer, size) {
-            return Some(c);
-        }
-        // Blocks in hand would wait outside the budget: send them first.
-        if !frame.is_empty() && !self.flush(frame, charge) {
-            return None;
-        }
-        self.budget.take(self.peer, size, self.alive)
-    }
-}
-
 /// A block found for a want, not read yet when it is a tree's.
 enum Found {
     Leaf(LeafRef),
@@ -595,89 +571,166 @@ impl Found {
     }
 }
 
-/// Answers one want list: presences for WantHave, blocks for WantBlock. Every block takes
-/// its size from the serving budget before it is read, until its message is written; when
-/// the budget is spent, what is ready goes out first and the next read waits. Blocks of
-/// trees are read from the store straight into the message's frame. Returns false once the
-/// peer is gone or the node stops.
-fn answer(store: &Store, entries: Vec<Entry>, to: &Recipient<'_>) -> bool {
-    // Entries cancelled later in the same list are not answered.
-    let cancelled: Vec<BlockAddress> = entries
-        .iter()
-        .filter(|e| e.cancel)
-        .map(|e| e.address)
-        .collect();
-    let mut frame = to.frame();
-    let mut charge: Option<Charge> = None;
-    for e in entries.into_iter().filter(|e| !e.cancel) {
-        if cancelled.contains(&e.address) {
-            continue;
-        }
-        match e.want_type {
-            WantType::Have => {
-                let have = holds(store, &e.address);
-                if have || e.send_dont_have {
-                    frame.presence(Presence {
-                        address: e.address,
-                        have,
-                    });
-                }
-            }
-            WantType::Block => {
-                let Some(sent) = deliver(store, &e.address, &mut frame, &mut charge, to) else {
-                    return false;
-                };
-                if !sent && e.send_dont_have {
-                    frame.presence(Presence {
-                        address: e.address,
-                        have: false,
-                    });
-                }
-            }
-        }
-        let full = frame.blocks() >= DELIVERY_BLOCKS || frame.data_bytes() >= DELIVERY_BYTES;
-        if full && !to.flush(&mut frame, &mut charge) {
-            return false;
-        }
-    }
-    if frame.is_empty() {
-        to.frames.put(frame.into_buf());
-        return true;
-    }
-    to.send(frame, &mut charge)
+/// Why a step of an [`Answer`] stopped.
+enum Wait {
+    /// The want list is answered.
+    Done,
+    /// A message to queue for the peer before going on.
+    Send(Outbound),
+    /// Bytes of the serving budget to wait for before going on.
+    Budget(u64),
 }
 
-/// Adds the block at `address` to `frame` if it is held and reads right, its budget joined
-/// to `charge`: whether it was added, `None` once the peer is gone.
-fn deliver(
-    store: &Store,
-    address: &BlockAddress,
-    frame: &mut DeliveryFrame,
-    charge: &mut Option<Charge>,
-    to: &Recipient<'_>,
-) -> Option<bool> {
-    let Some(found) = find(store, address) else {
-        return Some(false);
-    };
-    let taken = to.take(found.size(), frame, charge)?;
-    let read = match found {
-        Found::Whole(d) => {
-            frame.push(&d);
-            Ok(())
+/// One want list being answered: presences for WantHave, blocks for WantBlock. Every block
+/// takes its size from the serving budget before it is read, until its message is written;
+/// when the budget is spent, what is ready goes out first and the next read waits. Blocks
+/// of trees are read from the store straight into the message's frame.
+///
+/// It works in steps on the blocking pool, each ending where something must wait on the
+/// peer (see [`Wait`]); the waiting is done between steps, off the pool.
+struct Answer {
+    entries: std::vec::IntoIter<Entry>,
+    /// Addresses cancelled later in the same list: not answered.
+    cancelled: Vec<BlockAddress>,
+    frame: DeliveryFrame,
+    /// The serving budget the blocks in `frame` hold.
+    charge: Option<Charge>,
+    /// A block found whose budget was not free, with the want it answers.
+    pending: Option<(Entry, Found)>,
+    /// Budget granted by a wait, for the pending block.
+    granted: Option<Charge>,
+}
+
+impl Answer {
+    fn new(entries: Vec<Entry>, buf: Vec<u8>) -> Self {
+        let cancelled = entries
+            .iter()
+            .filter(|e| e.cancel)
+            .map(|e| e.address)
+            .collect();
+        Self {
+            entries: entries.into_iter(),
+            cancelled,
+            frame: DeliveryFrame::new(buf),
+            charge: None,
+            pending: None,
+            granted: None,
         }
-        Found::Leaf(r) => frame.push_with(&r.cid(), address, &r.proof, r.size(), |buf| {
-            store.read_leaf_into(&r, buf)
-        }),
-    };
-    if let Err(e) = read {
-        unreadable(address, &e);
-        return Some(false);
     }
-    match charge {
-        Some(c) => c.absorb(taken),
-        None => *charge = Some(taken),
+
+    /// Answers entries until a message is full, the budget is spent or the list is done.
+    fn step(
+        &mut self,
+        store: &Store,
+        frames: &FramePool,
+        budget: &Arc<ServeBudget>,
+        peer: PeerId,
+    ) -> Wait {
+        loop {
+            if let Some((e, found)) = self.pending.take() {
+                let size = found.size();
+                let Some(taken) = self.granted.take().or_else(|| budget.try_take(peer, size))
+                else {
+                    self.pending = Some((e, found));
+                    // Blocks in hand would wait outside the budget: they go out first.
+                    return self.flush(frames).map_or(Wait::Budget(size), Wait::Send);
+                };
+                if !self.add(store, &e.address, found, taken) && e.send_dont_have {
+                    self.dont_have(e.address);
+                }
+            } else if let Some(e) = self.entries.next() {
+                if e.cancel || self.cancelled.contains(&e.address) {
+                    continue;
+                }
+                match e.want_type {
+                    WantType::Have => {
+                        let have = holds(store, &e.address);
+                        if have || e.send_dont_have {
+                            self.frame.presence(Presence {
+                                address: e.address,
+                                have,
+                            });
+                        }
+                    }
+                    WantType::Block => match find(store, &e.address) {
+                        Some(found) => {
+                            self.pending = Some((e, found));
+                            continue;
+                        }
+                        None if e.send_dont_have => self.dont_have(e.address),
+                        None => {}
+                    },
+                }
+            } else {
+                return self.flush(frames).map_or(Wait::Done, Wait::Send);
+            }
+            let full =
+                self.frame.blocks() >= DELIVERY_BLOCKS || self.frame.data_bytes() >= DELIVERY_BYTES;
+            if full {
+                if let Some(message) = self.flush(frames) {
+                    return Wait::Send(message);
+                }
+            }
+        }
     }
-    Some(true)
+
+    fn dont_have(&mut self, address: BlockAddress) {
+        self.frame.presence(Presence {
+            address,
+            have: false,
+        });
+    }
+
+    /// Reads `found` into the message with the budget `taken` for it; false when it cannot
+    /// be read (the budget goes back).
+    fn add(&mut self, store: &Store, address: &BlockAddress, found: Found, taken: Charge) -> bool {
+        let read = match found {
+            Found::Whole(d) => {
+                self.frame.push(&d);
+                Ok(())
+            }
+            Found::Leaf(r) => self
+                .frame
+                .push_with(&r.cid(), address, &r.proof, r.size(), |buf| {
+                    store.read_leaf_into(&r, buf)
+                }),
+        };
+        if let Err(e) = read {
+            unreadable(address, &e);
+            return false;
+        }
+        match &mut self.charge {
+            Some(c) => c.absorb(taken),
+            None => self.charge = Some(taken),
+        }
+        true
+    }
+
+    /// The message the frame holds, with the budget its blocks hold, and a fresh frame in
+    /// its place; `None` when it holds nothing.
+    fn flush(&mut self, frames: &FramePool) -> Option<Outbound> {
+        if self.frame.is_empty() {
+            return None;
+        }
+        let full = std::mem::replace(&mut self.frame, DeliveryFrame::new(frames.get()));
+        let charge = self.charge.take();
+        match full.finish() {
+            Ok(frame) => Some(Outbound {
+                frame,
+                _charge: charge,
+            }),
+            // Not with blocks of the sizes stores hold: DELIVERY_BYTES keeps well within.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot encode a block exchange message");
+                None
+            }
+        }
+    }
+
+    /// Gives the frame's buffer back to the pool.
+    fn finish(self, frames: &FramePool) {
+        frames.put(self.frame.into_buf());
+    }
 }
 
 fn holds(store: &Store, address: &BlockAddress) -> bool {

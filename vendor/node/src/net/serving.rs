@@ -10,14 +10,15 @@
 //! however many others stall: the budget is the bound, give or take one block per peer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use libp2p::PeerId;
+use tokio::sync::Notify;
 
 use crate::store::lock;
 
-/// How often a read waiting for budget checks whether it should give up.
+/// How often a wait for budget checks whether it should give up.
 const RECHECK: Duration = Duration::from_millis(200);
 
 /// Block bytes held for peers: at most `total` in all, `per_peer` for one peer.
@@ -26,7 +27,7 @@ pub struct ServeBudget {
     total: u64,
     per_peer: u64,
     state: Mutex<State>,
-    freed: Condvar,
+    freed: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -44,7 +45,7 @@ impl ServeBudget {
             total,
             per_peer,
             state: Mutex::new(State::default()),
-            freed: Condvar::new(),
+            freed: Notify::new(),
         })
     }
 
@@ -79,27 +80,27 @@ impl ServeBudget {
             .then(|| self.grant(&mut st, peer, bytes))
     }
 
-    /// Waits (on a blocking thread) until `bytes` fit for `peer` and takes them; `None` as
-    /// soon as `go_on` says to give up (it is asked every 200 ms).
-    pub fn take(
+    /// Waits until `bytes` fit for `peer` and takes them; `None` as soon as `go_on` says to
+    /// give up (it is asked every 200 ms). The wait is a task's, not a thread's: a peer that
+    /// stops reading holds no thread while its reads wait.
+    pub async fn take(
         self: &Arc<Self>,
         peer: PeerId,
         bytes: u64,
         go_on: impl Fn() -> bool,
     ) -> Option<Charge> {
-        let mut st = lock(&self.state);
         loop {
-            if self.fits(&st, &peer, bytes) {
-                return Some(self.grant(&mut st, peer, bytes));
+            // Registered before the check, so bytes given back in between still wake it.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(c) = self.try_take(peer, bytes) {
+                return Some(c);
             }
             if !go_on() {
                 return None;
             }
-            st = self
-                .freed
-                .wait_timeout(st, RECHECK)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            let _ = tokio::time::timeout(RECHECK, freed).await;
         }
     }
 
@@ -113,7 +114,7 @@ impl ServeBudget {
             }
         }
         drop(st);
-        self.freed.notify_all();
+        self.freed.notify_waiters();
     }
 }
 
@@ -185,19 +186,23 @@ mod tests {
         assert_eq!(b.used(), 0);
     }
 
-    #[test]
-    fn a_waiting_read_wakes_when_budget_frees_or_gives_up() {
+    #[tokio::test(start_paused = true)]
+    async fn a_waiting_read_wakes_when_budget_frees_or_gives_up() {
         let b = ServeBudget::new(2 * BLOCK, 2 * BLOCK);
         let p = PeerId::random();
         let first = b.try_take(p, 2 * BLOCK).unwrap();
-        let waiter = {
+        let waiter = tokio::spawn({
             let b = Arc::clone(&b);
-            std::thread::spawn(move || b.take(p, BLOCK, || true).is_some())
-        };
-        std::thread::sleep(Duration::from_millis(50));
+            async move { b.take(p, BLOCK, || true).await.is_some() }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "took bytes that do not fit");
         drop(first);
-        assert!(waiter.join().unwrap());
+        // Woken by the bytes given back, not by its next check 200 ms on (the clock is
+        // paused and jumps to the earliest timer, here this 1 ms).
+        let woke = tokio::time::timeout(Duration::from_millis(1), waiter).await;
+        assert!(woke.expect("woken at once").unwrap());
         let _hold = b.try_take(p, 2 * BLOCK).unwrap();
-        assert!(b.take(p, BLOCK, || false).is_none());
+        assert!(b.take(p, BLOCK, || false).await.is_none());
     }
 }

@@ -410,14 +410,23 @@ async fn more_stalled_peers_than_the_node_has_blocking_threads_do_not_stop_it() 
         let h = TestPeer::start(&format!("hoarder-{i}")).await;
         h.hoard();
         let node = h.dial(&a.peer_id, &a.addr).await;
-        let mut s = h.open(node).await;
-        let entries = (0..BLOCKS)
-            .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
-            .collect();
-        write_message(&mut s, &Message::wants(entries))
-            .await
-            .unwrap();
-        hoarders.push((h, s));
+        let wants = Message::wants(
+            (0..BLOCKS)
+                .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
+                .collect(),
+        );
+        // A busy node may drop a new inbound stream (libp2p-stream hands streams over one
+        // at a time and drops what arrives meanwhile); a peer then opens another.
+        let mut sent = None;
+        for _ in 0..5 {
+            let mut s = h.open(node).await;
+            if write_message(&mut s, &wants).await.is_ok() {
+                sent = Some(s);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        hoarders.push((h, sent.expect("the node takes a want list")));
     }
     // Time for every stalled connection to fill and every read for it to start waiting.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -42,6 +42,7 @@ mod writeback;
 pub use fill::TreeFill;
 use sums::{SumWriter, Sums};
 use tree_file::TreeFile;
+use writeback::ReadBehind;
 
 /// Current schema version (`PRAGMA user_version`).
 const SCHEMA_VERSION: i64 = 3;
@@ -174,6 +175,8 @@ struct TreeEntry {
     file: File,
     /// The tree's block sums, when it has a sum file.
     sums: Option<Sums>,
+    /// What blocks read for peers let the page cache drop.
+    behind: ReadBehind,
 }
 
 /// A block of a tree found in the store and not read yet: see [`Store::leaf_ref`].
@@ -703,6 +706,7 @@ impl Store {
             block_size: block_size as u64,
             file,
             sums: Sums::open(&self.sums_path(tree_cid)),
+            behind: ReadBehind::default(),
         }))
     }
 
@@ -877,6 +881,18 @@ impl Store {
     /// the block cannot be read or fails its check.
     pub fn read_leaf_into(&self, leaf: &LeafRef, out: &mut Vec<u8>) -> Result<()> {
         self.append_verified(&leaf.tree_cid, &leaf.entry, leaf.index, &leaf.leaf, out)
+    }
+
+    /// [`Store::read_leaf_into`] for a peer: the dataset's pages well behind the block
+    /// leave the page cache (see [`ReadBehind`]).
+    pub fn serve_leaf_into(&self, leaf: &LeafRef, out: &mut Vec<u8>) -> Result<()> {
+        self.read_leaf_into(leaf, out)?;
+        let entry = &leaf.entry;
+        let size = entry.block_size;
+        entry
+            .behind
+            .read(&entry.file, entry.leaf_count * size, leaf.index * size);
+        Ok(())
     }
 
     /// The manifest of a dataset.

@@ -692,7 +692,7 @@ impl Answer {
             Found::Leaf(r) => self
                 .frame
                 .push_with(&r.cid(), address, &r.proof, r.size(), |buf| {
-                    store.read_leaf_into(&r, buf)
+                    store.serve_leaf_into(&r, buf)
                 }),
         };
         if let Err(e) = read {

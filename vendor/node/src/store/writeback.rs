@@ -13,6 +13,7 @@
 //! data durable reports them.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// How much newly written data starts its writeback in one call.
 const STRETCH: u64 = 8 << 20;
@@ -45,6 +46,39 @@ impl Writeback {
         }
         write_back(file, self.started, self.high - self.started, false);
         self.started = self.high;
+    }
+}
+
+/// Blocks of one data file read for peers: each read lets the page cache drop the stretch
+/// two before the one it reads in, so what stays cached is the current and the previous
+/// stretch, which peers reading the same dataset close together still share.
+///
+/// A node serving a large dataset reads it through the cache once per peer; without this
+/// each read takes a fresh page and evicts the host's useful cache for data no one is about
+/// to read again (and on a VM that hands free memory back to its host, each fresh page
+/// also costs a fault on the host). Whole stretches are released, as the cache holds a
+/// file in folios of up to 2 MiB and a range that splits one releases none of it. Files
+/// under four stretches (archives) keep their pages.
+#[derive(Debug, Default)]
+pub(crate) struct ReadBehind {
+    /// One more than the stretch released last; 0 before any.
+    released: AtomicU64,
+}
+
+impl ReadBehind {
+    /// Notes a read of `file` (`file_len` bytes long) at `offset`.
+    pub(crate) fn read(&self, file: &File, file_len: u64, offset: u64) {
+        if file_len < 4 * STRETCH {
+            return;
+        }
+        let Some(behind) = (offset / STRETCH).checked_sub(2) else {
+            return;
+        };
+        // Once per stretch for a reader going forward; readers at different places may
+        // release the same stretch twice, which costs a system call.
+        if self.released.swap(behind + 1, Ordering::Relaxed) != behind + 1 {
+            release(file, behind * STRETCH, STRETCH);
+        }
     }
 }
 
@@ -149,5 +183,37 @@ mod tests {
             released.iter().filter(|r| **r).count()
         );
         assert!(kept.iter().all(|r| *r), "the last stretch was released");
+    }
+
+    #[test]
+    fn blocks_read_for_peers_let_go_of_what_is_well_behind_them() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let block = 64u64 << 10;
+        let mut buf = vec![0u8; block as usize];
+        // Reads `len` bytes of a new file block by block, as peers are served.
+        let mut read_all = |name: &str, len: u64| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![9u8; len as usize]).unwrap();
+            let file = File::open(&path).unwrap();
+            file.sync_all().unwrap();
+            let behind = ReadBehind::default();
+            for i in 0..len / block {
+                file.read_exact_at(&mut buf, i * block).unwrap();
+                behind.read(&file, len, i * block);
+            }
+            resident(&file, len as usize)
+        };
+        // A small file keeps every page.
+        assert!(read_all("small", 3 * STRETCH).iter().all(|r| *r));
+        // A large one keeps the last two stretches read.
+        let len = 6 * STRETCH;
+        let pages = read_all("large", len);
+        let (released, kept) = pages.split_at(((len - 2 * STRETCH) / 4096) as usize);
+        assert!(
+            released.iter().all(|r| !r),
+            "{} pages well behind the reads are still cached",
+            released.iter().filter(|r| **r).count()
+        );
+        assert!(kept.iter().all(|r| *r), "pages just read were let go");
     }
 }

@@ -344,34 +344,55 @@ async fn silent_flooding_and_spamming_peers_do_not_hurt_the_node() {
     still_serves(&mut a, mcid, &data).await;
 }
 
+/// The tree CID of dataset `mcid` held by `a`, as a peer learns it from the manifest.
+async fn tree_of(a: &NodeProc, mcid: Cid, data: &[u8]) -> Cid {
+    let peer = TestPeer::start("manifest").await;
+    let mut inbox = peer.inbox();
+    let node = peer.dial(&a.peer_id, &a.addr).await;
+    fetch_one(&peer, &mut inbox, node, mcid, 0, data)
+        .await
+        .tree_cid
+}
+
+/// A peer that asks `a` for the first `blocks` blocks of `tree` and never reads what the
+/// node sends, with the stream it asked on.
+async fn stalled_peer(
+    a: &NodeProc,
+    name: &str,
+    tree: Cid,
+    blocks: u64,
+) -> (TestPeer, libp2p::Stream) {
+    let h = TestPeer::start(name).await;
+    h.hoard();
+    let node = h.dial(&a.peer_id, &a.addr).await;
+    let wants = Message::wants(
+        (0..blocks)
+            .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
+            .collect(),
+    );
+    // A busy node may drop a new inbound stream (libp2p-stream hands streams over one at a
+    // time and drops what arrives meanwhile); a peer then opens another.
+    for _ in 0..5 {
+        let mut s = h.open(node).await;
+        if write_message(&mut s, &wants).await.is_ok() {
+            return (h, s);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{name}: the node took no want list");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peers_that_ask_for_everything_and_stop_reading_hold_bounded_memory() {
     const BLOCKS: u64 = 768; // 48 MiB: more than a stalled peer's buffers take in
     let (mut a, mcid, data, _tmp) = node_with_dataset(BLOCKS as usize * BLOCK, 29);
-    let tree = {
-        let peer = TestPeer::start("manifest").await;
-        let mut inbox = peer.inbox();
-        let node = peer.dial(&a.peer_id, &a.addr).await;
-        fetch_one(&peer, &mut inbox, node, mcid, 0, &data)
-            .await
-            .tree_cid
-    };
+    let tree = tree_of(&a, mcid, &data).await;
     let rss_before = a.rss_kib();
 
     // Eight peers each want every block and never read what the node sends.
     let mut hoarders = Vec::new();
     for i in 0..8 {
-        let h = TestPeer::start(&format!("hoarder-{i}")).await;
-        h.hoard();
-        let node = h.dial(&a.peer_id, &a.addr).await;
-        let mut s = h.open(node).await;
-        let entries = (0..BLOCKS)
-            .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
-            .collect();
-        write_message(&mut s, &Message::wants(entries))
-            .await
-            .unwrap();
-        hoarders.push((h, s));
+        hoarders.push(stalled_peer(&a, &format!("hoarder-{i}"), tree, BLOCKS).await);
     }
     // Until their connections stop taking data, the node sends; then its reads wait.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -397,36 +418,10 @@ async fn more_stalled_peers_than_the_node_has_blocking_threads_do_not_stop_it() 
     const STALLED: usize = 72;
     const BLOCKS: u64 = 256; // 16 MiB: more than a stalled connection's buffers take in
     let (mut a, mcid, data, _tmp) = node_with_dataset(BLOCKS as usize * BLOCK, 31);
-    let tree = {
-        let peer = TestPeer::start("manifest").await;
-        let mut inbox = peer.inbox();
-        let node = peer.dial(&a.peer_id, &a.addr).await;
-        fetch_one(&peer, &mut inbox, node, mcid, 0, &data)
-            .await
-            .tree_cid
-    };
+    let tree = tree_of(&a, mcid, &data).await;
     let mut hoarders = Vec::new();
     for i in 0..STALLED {
-        let h = TestPeer::start(&format!("hoarder-{i}")).await;
-        h.hoard();
-        let node = h.dial(&a.peer_id, &a.addr).await;
-        let wants = Message::wants(
-            (0..BLOCKS)
-                .map(|index| Entry::want(BlockAddress::Leaf { tree, index }, WantType::Block))
-                .collect(),
-        );
-        // A busy node may drop a new inbound stream (libp2p-stream hands streams over one
-        // at a time and drops what arrives meanwhile); a peer then opens another.
-        let mut sent = None;
-        for _ in 0..5 {
-            let mut s = h.open(node).await;
-            if write_message(&mut s, &wants).await.is_ok() {
-                sent = Some(s);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        hoarders.push((h, sent.expect("the node takes a want list")));
+        hoarders.push(stalled_peer(&a, &format!("hoarder-{i}"), tree, BLOCKS).await);
     }
     // Time for every stalled connection to fill and every read for it to start waiting.
     tokio::time::sleep(Duration::from_secs(5)).await;

@@ -883,8 +883,8 @@ impl Store {
         self.append_verified(&leaf.tree_cid, &leaf.entry, leaf.index, &leaf.leaf, out)
     }
 
-    /// [`Store::read_leaf_into`] for a peer: the dataset's pages well behind the block
-    /// leave the page cache (see [`ReadBehind`]).
+    /// [`Store::read_leaf_into`] for a peer. In a dataset of 32 MiB or more, the page cache
+    /// may then drop the 8 MiB stretch two before the block's own.
     pub fn serve_leaf_into(&self, leaf: &LeafRef, out: &mut Vec<u8>) -> Result<()> {
         self.read_leaf_into(leaf, out)?;
         let entry = &leaf.entry;

@@ -633,7 +633,8 @@ impl Answer {
                 else {
                     self.pending = Some((e, found));
                     // Blocks in hand would wait outside the budget: they go out first.
-                    return self.flush(frames).map_or(Wait::Budget(size), Wait::Send);
+                    let sent = self.flush(|| frames.get());
+                    return sent.map_or(Wait::Budget(size), Wait::Send);
                 };
                 if !self.add(store, &e.address, found, taken) && e.send_dont_have {
                     self.dont_have(e.address);
@@ -662,12 +663,13 @@ impl Answer {
                     },
                 }
             } else {
-                return self.flush(frames).map_or(Wait::Done, Wait::Send);
+                // The list's last message: no pooled buffer is taken for a next one.
+                return self.flush(Vec::new).map_or(Wait::Done, Wait::Send);
             }
             let full =
                 self.frame.blocks() >= DELIVERY_BLOCKS || self.frame.data_bytes() >= DELIVERY_BYTES;
             if full {
-                if let Some(message) = self.flush(frames) {
+                if let Some(message) = self.flush(|| frames.get()) {
                     return Wait::Send(message);
                 }
             }
@@ -706,13 +708,13 @@ impl Answer {
         true
     }
 
-    /// The message the frame holds, with the budget its blocks hold, and a fresh frame in
-    /// its place; `None` when it holds nothing.
-    fn flush(&mut self, frames: &FramePool) -> Option<Outbound> {
+    /// The message the frame holds, with the budget its blocks hold, and a frame in the
+    /// buffer `next` gives in its place; `None` when it holds nothing.
+    fn flush(&mut self, next: impl FnOnce() -> Vec<u8>) -> Option<Outbound> {
         if self.frame.is_empty() {
             return None;
         }
-        let full = std::mem::replace(&mut self.frame, DeliveryFrame::new(frames.get()));
+        let full = std::mem::replace(&mut self.frame, DeliveryFrame::new(next()));
         let charge = self.charge.take();
         match full.finish() {
             Ok(frame) => Some(Outbound {
@@ -727,7 +729,7 @@ impl Answer {
         }
     }
 
-    /// Gives the frame's buffer back to the pool.
+    /// Gives the frame's buffer back to the pool (which keeps only pooled-size buffers).
     fn finish(self, frames: &FramePool) {
         frames.put(self.frame.into_buf());
     }

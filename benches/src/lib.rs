@@ -48,15 +48,23 @@ pub fn generate(path: &Path, size: u64) -> std::io::Result<()> {
 /// This machine's single-core SHA-256 rate over 64 KiB blocks, in bytes per second.
 pub fn sha256_rate() -> f64 {
     let block = vec![0x5au8; 65536];
+    single_core_rate(block.len(), |_| {
+        std::hint::black_box(Sha256::digest(&block));
+    })
+}
+
+/// Bytes per second of `f` run for about half a second, each call (given its number)
+/// handling `bytes` bytes.
+fn single_core_rate(bytes: usize, mut f: impl FnMut(u64)) -> f64 {
     let mut n = 0u64;
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(500) {
         for _ in 0..64 {
-            std::hint::black_box(Sha256::digest(&block));
+            f(n);
+            n += 1;
         }
-        n += 64;
     }
-    (n * 65536) as f64 / t.elapsed().as_secs_f64()
+    (n * bytes as u64) as f64 / t.elapsed().as_secs_f64()
 }
 
 /// This machine's single-core rates of sealing and of opening ChaCha20-Poly1305 frames of
@@ -82,31 +90,20 @@ pub fn noise_cipher_rates() -> (f64, f64) {
         .seal_in_place_separate_tag(nonce(0), Aad::empty(), &mut sealed)
         .expect("seal");
     sealed.extend_from_slice(tag.as_ref());
-    let rate = |f: &mut dyn FnMut(u64)| {
-        let mut n = 0u64;
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_millis(500) {
-            for _ in 0..64 {
-                f(n);
-                n += 1;
-            }
-        }
-        (n * FRAME as u64) as f64 / t.elapsed().as_secs_f64()
-    };
     let mut buf = vec![0x5au8; FRAME];
-    let sealing = rate(&mut |n| {
+    let sealing = single_core_rate(FRAME, |n| {
         let tag = seal.seal_in_place_separate_tag(nonce(n + 1), Aad::empty(), &mut buf);
         let _ = std::hint::black_box(tag.expect("seal"));
     });
     // Opening decrypts in place, so each round restores the sealed frame first; the copy's
     // own time is measured alone and taken out.
     let mut scratch = sealed.clone();
-    let with_copy = rate(&mut |_| {
+    let with_copy = single_core_rate(FRAME, |_| {
         scratch.copy_from_slice(&sealed);
         let plain = open.open_in_place(nonce(0), Aad::empty(), &mut scratch);
         std::hint::black_box(plain.expect("a frame sealed with this key opens").len());
     });
-    let copy = rate(&mut |_| {
+    let copy = single_core_rate(FRAME, |_| {
         scratch.copy_from_slice(std::hint::black_box(&sealed));
         std::hint::black_box(&scratch);
     });

@@ -1,4 +1,5 @@
-//! Streaming a large data file to disk while it is written.
+//! Streaming a large data file to disk while it is written, and letting go of its pages
+//! behind reads for peers ([`ReadBehind`]).
 //!
 //! A download or upload of many gigabytes would otherwise leave all of its data dirty in
 //! the page cache until the kernel's flusher or the final sync gets to it: the host's
@@ -10,7 +11,7 @@
 //! read back at once (an archive being imported) is read from memory.
 //!
 //! Everything here is advice to the kernel: errors are ignored, as the sync that makes the
-//! data durable reports them.
+//! data durable (or the read that follows) reports them.
 
 use std::fs::File;
 use std::sync::atomic::{AtomicU64, Ordering};
